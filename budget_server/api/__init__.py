@@ -1,0 +1,1 @@
+"""The gRPC face of the ledger: protobuf in, validated ledger operations, protobuf out."""

@@ -1,0 +1,114 @@
+"""A budgetd process: the ledger behind a grpc.aio server, started and stopped in order.
+
+Shutdown order (grpclib's graceful_exit, grpc's aio server): health says NOT_SERVING so
+load balancers stop sending, the server stops taking calls and gives in-flight ones
+`shutdown_grace_s`, the actors drain what is queued, background tasks stop, and the
+database closes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from budget_client._proto.budgetd.v1 import budget_pb2 as pb
+from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
+from budget_server.api.admin_service import AdminService
+from budget_server.api.budget_service import BudgetService
+from budget_server.clock import Clock, SystemClock
+from budget_server.config import ServerConfig
+from budget_server.db.engine import Database, open_database
+from budget_server.db.migrate import upgrade_to_head
+from budget_server.ledger.ledger import Ledger
+from budget_server.ledger.sweeper import run_sweeper
+
+log = logging.getLogger("budgetd")
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["BudgetService"].full_name,
+    pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+MESSAGE_BYTES_MAX = 1 * 1024 * 1024
+
+
+class BudgetServer:
+    """One budgetd process; `async with BudgetServer(config) as server:` in tests."""
+
+    def __init__(self, config: ServerConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.port = 0
+        self.db: Database | None = None
+        self.ledger: Ledger | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.db = open_database(self.config.db_url, pool_size=self.config.db_pool_size)
+        await upgrade_to_head(self.db)
+        self.ledger = Ledger(self.db, self.clock)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_BudgetServiceServicer_to_server(BudgetService(self.ledger), server)
+        pb_grpc.add_AdminServiceServicer_to_server(AdminService(self.ledger), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(
+            asyncio.create_task(
+                run_sweeper(self.ledger, self.clock, self.config.sweep_interval_s), name="sweeper"
+            )
+        )
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop in order; safe to call twice."""
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+            self._server = None
+        if self.ledger is not None:
+            await self.ledger.drain()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.db is not None:
+            await self.db.close()
+            self.db = None
+
+    async def __aenter__(self) -> BudgetServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop(grace_s=1.0)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

@@ -1,0 +1,126 @@
+"""`budgetd serve`: flags, BUDGETD_* environment variables, start-up output, signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from budget_server import __version__
+from budget_server.app import BudgetServer
+from budget_server.config import ServerConfig
+from budget_server.errors import LedgerError
+from budget_server.logs import configure_logging
+
+log = logging.getLogger("budgetd")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"BUDGETD_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(
+        prog="budgetd", description="Real-time token budgets for LLM APIs."
+    )
+    parser.add_argument("--version", action="version", version=f"budgetd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the budget ledger service")
+    serve.add_argument(
+        "--listen",
+        default=_env("LISTEN", defaults.listen),
+        help="host:port to serve gRPC on (env BUDGETD_LISTEN; default %(default)s)",
+    )
+    serve.add_argument(
+        "--db",
+        default=_env("DB", defaults.db_url),
+        help="database URL: sqlite+aiosqlite:///PATH or postgresql+asyncpg://... "
+        "(env BUDGETD_DB; default %(default)s)",
+    )
+    serve.add_argument(
+        "--sweep-interval",
+        type=float,
+        default=float(_env("SWEEP_INTERVAL", str(defaults.sweep_interval_s))),
+        help="seconds between expiry sweeps (env BUDGETD_SWEEP_INTERVAL; default %(default)s)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=float(_env("SHUTDOWN_GRACE", str(defaults.shutdown_grace_s))),
+        help="seconds in-flight calls get on SIGTERM (default %(default)s)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=_env("LOG_FORMAT", defaults.log_format),
+        help="log line format (env BUDGETD_LOG_FORMAT; default %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=_env("LOG_LEVEL", defaults.log_level),
+        help="(env BUDGETD_LOG_LEVEL; default %(default)s)",
+    )
+    return parser
+
+
+async def serve(config: ServerConfig) -> int:
+    server = BudgetServer(config)
+    await server.start()
+    print(
+        f"budgetd {__version__} listening on {server.address}\n"
+        f"  database  {server.db.url_for_display if server.db else '?'}\n"
+        f"  health    grpc.health.v1 and server reflection enabled\n"
+        f"  stop with Ctrl-C (a second Ctrl-C forces exit)",
+        flush=True,
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("%s: finishing in-flight calls, then stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stopping.wait()
+    await server.stop()
+    print("budgetd stopped", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = ServerConfig(
+        listen=args.listen,
+        db_url=args.db,
+        sweep_interval_s=args.sweep_interval,
+        shutdown_grace_s=args.shutdown_grace,
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )
+    configure_logging(config.log_format, config.log_level)
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(serve(config))
+        return uvloop.run(serve(config))
+    except LedgerError as error:
+        print(f"budgetd: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"budgetd: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The ledger's tables (SQLAlchemy Core: the hot path issues few, explicit statements).
+
+Times are integer microseconds since the epoch, so SQLite and PostgreSQL store and
+compare them identically. Amounts are BIGINT in the budget's unit.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from budget_server.limits import ID_LENGTH_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, MODEL_LENGTH_MAX
+
+# Constraint names are fixed so Alembic migrations can refer to them on both backends.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a ledger.
+_BIGINT_PK = BigInteger().with_variant(Integer(), "sqlite")
+
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("id", String(ID_LENGTH_MAX), primary_key=True),
+    Column("parent_id", String(ID_LENGTH_MAX), ForeignKey("budgets.id"), nullable=True),
+    Column("depth", SmallInteger, nullable=False),  # 0 for a root; rows lock root-first
+    Column("unit", String(8), nullable=False),
+    Column("limit_amount", BigInteger, nullable=False),
+    Column("period", String(8), nullable=False),
+    Column("time_zone", String(64), nullable=False),
+    Column("mode", String(4), nullable=False),
+    Column("alert_thresholds", String(64), nullable=False),  # "50,70,90,100"
+    Column("frozen", Boolean, nullable=False),
+    Column("spent", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+    Column("overage", BigInteger, nullable=False),
+    Column("window_start_us", BigInteger, nullable=False),  # 0 for PERIOD NONE
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+    Index(None, "parent_id"),
+)
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("budget_id", String(ID_LENGTH_MAX), ForeignKey("budgets.id"), nullable=False),
+    Column("state", String(10), nullable=False),
+    Column("idempotency_key", String(IDEMPOTENCY_KEY_LENGTH_MAX), nullable=True),
+    Column("model", String(MODEL_LENGTH_MAX), nullable=False),
+    Column("labels", Text, nullable=False),  # JSON object
+    # Last usage the server knows of: what an expired reservation is charged at.
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("cached_input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("reasoning_tokens", BigInteger, nullable=False),
+    Column("charged", BigInteger, nullable=False),  # on its own budget, once finished
+    Column("overage", BigInteger, nullable=False),
+    Column("expires_at_us", BigInteger, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("finished_at_us", BigInteger, nullable=False),  # 0 while PENDING
+    UniqueConstraint("budget_id", "idempotency_key"),
+    Index(None, "state", "expires_at_us"),
+    Index(None, "budget_id", "state"),
+)
+
+# What a reservation holds on each budget of its chain, in that budget's unit. The sum of
+# the holds of PENDING reservations on a budget is that budget's `reserved`.
+reservation_holds = Table(
+    "reservation_holds",
+    metadata,
+    Column("reservation_id", String(40), ForeignKey("reservations.id"), primary_key=True),
+    Column("budget_id", String(ID_LENGTH_MAX), ForeignKey("budgets.id"), primary_key=True),
+    Column("held", BigInteger, nullable=False),
+    Column("charged", BigInteger, nullable=False),
+    Index(None, "budget_id"),
+)
+
+# Append-only. Each row carries its effect on the budget's running figures, so that
+# summing the deltas recomputes them (VerifyLedger).
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    Column("id", _BIGINT_PK, primary_key=True, autoincrement=True),
+    Column("budget_id", String(ID_LENGTH_MAX), ForeignKey("budgets.id"), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("spent_delta", BigInteger, nullable=False),
+    Column("reserved_delta", BigInteger, nullable=False),
+    Column("overage_delta", BigInteger, nullable=False),
+    Column("reservation_id", String(40), nullable=True),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("cached_input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("reasoning_tokens", BigInteger, nullable=False),
+    Column("model", String(MODEL_LENGTH_MAX), nullable=False),
+    Column("labels", Text, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("actor", String(32), nullable=False),
+    Index(None, "budget_id", "id"),
+    Index(None, "created_at_us"),
+)
+
+# Per-token prices in nano-dollars per million tokens, so that sub-nano-dollar per-token
+# prices (e.g. $0.075 per million) stay exact integers; a cost is rounded up once.
+prices = Table(
+    "prices",
+    metadata,
+    Column("model", String(MODEL_LENGTH_MAX), primary_key=True),
+    Column("input_nanousd_per_mtok", BigInteger, nullable=False),
+    Column("cached_input_nanousd_per_mtok", BigInteger, nullable=False),
+    Column("output_nanousd_per_mtok", BigInteger, nullable=False),
+    Column("source", String(256), nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+)

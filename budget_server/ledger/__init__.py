@@ -1,0 +1,1 @@
+"""The budget ledger: budgets, reservations, entries, and the actors that serialise them."""

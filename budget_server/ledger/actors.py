@@ -1,0 +1,121 @@
+"""One asyncio actor per active budget: it serialises the budget's operations and applies
+whatever has queued up while the previous transaction ran as one transaction (group
+commit). A hot budget therefore costs one SQL transaction per batch, not per call.
+
+The actor only orders work inside this process; correctness across processes comes from
+the row locks and compare-and-set writes in `txn.ChainBatch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable, Sequence
+
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+
+from budget_server.db.engine import Database
+from budget_server.errors import LedgerError, Overloaded, Unavailable
+from budget_server.ledger.model import Op, OpResult
+from budget_server.ledger.txn import ChainBatch, ConcurrentWrite
+from budget_server.limits import ACTOR_QUEUE_MAX, BATCH_OPS_MAX
+
+log = logging.getLogger("budgetd.actors")
+
+CONFLICT_RETRIES_MAX = 8
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, InterfaceError | OperationalError | ConnectionError | OSError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+class BudgetActor:
+    """Runs the queued operations of one budget, a batch per transaction."""
+
+    def __init__(
+        self,
+        budget_id: str,
+        chain_ids: Sequence[str],
+        db: Database,
+        now_us: Callable[[], int],
+        on_idle: Callable[[BudgetActor], None],
+    ) -> None:
+        self.budget_id = budget_id
+        self.chain_ids = tuple(chain_ids)
+        self._db = db
+        self._now_us = now_us
+        self._on_idle = on_idle
+        self._queue: collections.deque[Op] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.ops = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    def submit(self, op: Op) -> None:
+        """Queue an operation; its future resolves when its transaction has committed."""
+        if len(self._queue) >= ACTOR_QUEUE_MAX:
+            raise Overloaded(
+                f"budget {self.budget_id!r} has {ACTOR_QUEUE_MAX} operations waiting "
+                "(ACTOR_QUEUE_MAX); retry with back-off"
+            )
+        self._queue.append(op)
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain(), name=f"actor:{self.budget_id}")
+
+    async def join(self) -> None:
+        """Wait until everything queued so far has been applied (shutdown drains actors)."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                count = min(len(self._queue), BATCH_OPS_MAX)
+                batch = [self._queue.popleft() for _ in range(count)]
+                await self._apply(batch)
+        finally:
+            self._task = None
+            self._on_idle(self)
+
+    async def _apply(self, batch: list[Op]) -> None:
+        results: Sequence[OpResult | LedgerError | BaseException]
+        try:
+            results = await self._transact(batch)
+        except LedgerError as error:  # the whole batch was refused (e.g. budget deleted)
+            results = [error] * len(batch)
+        except Exception as exc:
+            if _is_connection_error(exc):
+                log.warning("database unavailable for budget %s: %s", self.budget_id, exc)
+                results = [Unavailable(f"the ledger database is unavailable: {exc}")] * len(batch)
+            else:
+                log.exception("batch on budget %s failed", self.budget_id)
+                results = [exc] * len(batch)
+        self.batches += 1
+        self.ops += len(batch)
+        for op, result in zip(batch, results, strict=True):
+            if op.future.done():
+                continue
+            if isinstance(result, BaseException):
+                op.future.set_exception(result)
+            else:
+                op.future.set_result(result)
+
+    async def _transact(self, batch: list[Op]) -> list[OpResult | LedgerError]:
+        for _attempt in range(CONFLICT_RETRIES_MAX):
+            try:
+                async with self._db.write() as conn:
+                    txn = ChainBatch(conn, self.chain_ids, self._now_us(), self._db.locks_rows)
+                    await txn.load(batch)
+                    results = [txn.apply(op) for op in batch]
+                    await txn.flush()
+                return results
+            except (ConcurrentWrite, IntegrityError) as exc:
+                log.info("write conflict on %s (%s); retrying batch", self.budget_id, exc)
+                await asyncio.sleep(0)
+        raise Unavailable(f"budget {self.budget_id!r} is too contended; retry")

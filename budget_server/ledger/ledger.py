@@ -1,0 +1,130 @@
+"""The ledger's front door: validated operations in, routed to the right budget's actor."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+from sqlalchemy import select
+
+from budget_server.clock import Clock
+from budget_server.db.engine import Database
+from budget_server.db.schema import budgets, reservations
+from budget_server.errors import NotFound
+from budget_server.ledger.actors import BudgetActor
+from budget_server.ledger.model import (
+    CommitOp,
+    ExpireOp,
+    ExtendOp,
+    Op,
+    OpResult,
+    RecordUsageOp,
+    ReleaseOp,
+    ReserveOp,
+)
+
+RESERVATION_CACHE_MAX = 100_000
+CHAIN_DEPTH_MAX = 16
+
+
+class Ledger:
+    """Routes each operation to its budget's actor and awaits the committed result."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self.db = db
+        self.clock = clock
+        self._actors: dict[str, BudgetActor] = {}
+        self._chains: dict[str, tuple[str, ...]] = {}
+        # reservation id -> budget id, so Commit/Release skip a lookup for recent reservations
+        self._owners: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    # ------------------------------------------------------------------ routing
+
+    async def chain_of(self, budget_id: str) -> tuple[str, ...]:
+        """The budget and its ancestors, root-first (parents never change, so it is cached)."""
+        if (chain := self._chains.get(budget_id)) is not None:
+            return chain
+        ids: list[str] = []
+        current: str | None = budget_id
+        async with self.db.read() as conn:
+            while current is not None:
+                row = (
+                    await conn.execute(select(budgets.c.parent_id).where(budgets.c.id == current))
+                ).first()
+                if row is None:
+                    raise NotFound(f"budget {current!r} does not exist")
+                ids.append(current)
+                current = row.parent_id
+                if len(ids) > CHAIN_DEPTH_MAX:
+                    raise NotFound(f"budget {budget_id!r} has a parent chain over {CHAIN_DEPTH_MAX}")
+        chain = tuple(reversed(ids))
+        self._chains[budget_id] = chain
+        return chain
+
+    def forget_budget(self, budget_id: str) -> None:
+        self._chains = {k: v for k, v in self._chains.items() if budget_id not in v}
+
+    async def owner_of(self, reservation_id: str) -> str:
+        if (owner := self._owners.get(reservation_id)) is not None:
+            return owner
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(reservations.c.budget_id).where(reservations.c.id == reservation_id)
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"reservation {reservation_id!r} does not exist")
+        self._remember_owner(reservation_id, row.budget_id)
+        return str(row.budget_id)
+
+    def _remember_owner(self, reservation_id: str, budget_id: str) -> None:
+        self._owners[reservation_id] = budget_id
+        if len(self._owners) > RESERVATION_CACHE_MAX:
+            self._owners.popitem(last=False)
+
+    async def _submit(self, budget_id: str, op: Op) -> OpResult:
+        actor = self._actors.get(budget_id)
+        if actor is None:
+            chain = await self.chain_of(budget_id)
+            actor = self._actors.get(budget_id)  # another caller may have made it meanwhile
+            if actor is None:
+                actor = BudgetActor(budget_id, chain, self.db, self.clock.now_us, self._idle)
+                self._actors[budget_id] = actor
+        actor.submit(op)
+        result: OpResult = await op.future
+        self._remember_owner(result.reservation.id, budget_id)
+        return result
+
+    def _idle(self, actor: BudgetActor) -> None:
+        if self._actors.get(actor.budget_id) is actor:
+            del self._actors[actor.budget_id]
+
+    async def drain(self) -> None:
+        """Wait for every queued operation to be applied (graceful shutdown)."""
+        while self._actors:
+            await asyncio.gather(*(actor.join() for actor in list(self._actors.values())))
+
+    @property
+    def active_actors(self) -> int:
+        return len(self._actors)
+
+    # ------------------------------------------------------------------ operations
+
+    async def reserve(self, op: ReserveOp) -> OpResult:
+        return await self._submit(op.budget_id, op)
+
+    async def extend(self, op: ExtendOp) -> OpResult:
+        return await self._submit(await self.owner_of(op.reservation_id), op)
+
+    async def commit(self, op: CommitOp) -> OpResult:
+        return await self._submit(await self.owner_of(op.reservation_id), op)
+
+    async def release(self, op: ReleaseOp) -> OpResult:
+        return await self._submit(await self.owner_of(op.reservation_id), op)
+
+    async def expire(self, op: ExpireOp) -> OpResult:
+        return await self._submit(await self.owner_of(op.reservation_id), op)
+
+    async def record_usage(self, op: RecordUsageOp) -> OpResult:
+        return await self._submit(await self.owner_of(op.reservation_id), op)

@@ -1,0 +1,603 @@
+"""Apply a batch of operations to one budget chain in one SQL transaction (group commit).
+
+Statements per batch are few and independent of the batch size: lock and read the chain
+(root-first), read the reservations the batch touches, decide every operation in memory,
+then write back with multi-row statements. Budget rows are written with a compare-and-set
+on the figures that were read, so a second writer that slipped past the lock makes the
+batch retry instead of over-granting; on PostgreSQL the rows are also locked FOR UPDATE,
+root-first then by id, the order that cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from budget_server.db.schema import budgets, ledger_entries, reservation_holds, reservations
+from budget_server.errors import (
+    BudgetExhausted,
+    FailedPrecondition,
+    InvalidArgument,
+    LedgerError,
+    NotFound,
+    ledger_assert,
+)
+from budget_server.ledger.model import (
+    BudgetState,
+    BudgetView,
+    CommitOp,
+    EntryDraft,
+    ExpireOp,
+    ExtendOp,
+    Op,
+    OpResult,
+    RecordUsageOp,
+    ReleaseOp,
+    ReservationState,
+    ReservationView,
+    ReserveOp,
+)
+from budget_server.ledger.prices import load_prices
+from budget_server.ledger.usage import Price, Usage, cost
+from budget_server.ledger.windows import window_bounds
+from budget_server.limits import AMOUNT_MAX
+
+
+class ConcurrentWrite(Exception):
+    """A budget row changed under us (another process): the batch must be retried."""
+
+
+def new_reservation_id() -> str:
+    return "r_" + secrets.token_hex(16)
+
+
+def budget_view(state: BudgetState) -> BudgetView:
+    _, end_us = window_bounds(state.period, state.time_zone, state.window_start_us) if (
+        state.window_start_us
+    ) else (0, 0)
+    return BudgetView(
+        id=state.id,
+        parent_id=state.parent_id,
+        unit=state.unit,
+        limit=state.limit,
+        period=state.period,
+        time_zone=state.time_zone,
+        mode=state.mode,
+        thresholds_pct=state.thresholds_pct,
+        frozen=state.frozen,
+        spent=state.spent,
+        reserved=state.reserved,
+        overage=state.overage,
+        window_start_us=state.window_start_us,
+        window_end_us=end_us,
+        created_at_us=state.created_at_us,
+        updated_at_us=state.updated_at_us,
+    )
+
+
+def reservation_view(res: ReservationState) -> ReservationView:
+    return ReservationView(
+        id=res.id,
+        budget_id=res.budget_id,
+        state=res.state,
+        granted=res.granted,
+        usage=res.usage,
+        charged=res.charged,
+        overage=res.overage,
+        expires_at_us=res.expires_at_us,
+        idempotency_key=res.idempotency_key or "",
+        model=res.model,
+        labels=dict(res.labels),
+        created_at_us=res.created_at_us,
+        finished_at_us=res.finished_at_us,
+    )
+
+
+def _usage_of(row: Any) -> Usage:
+    return Usage(
+        input_tokens=row.input_tokens,
+        cached_input_tokens=row.cached_input_tokens,
+        output_tokens=row.output_tokens,
+        reasoning_tokens=row.reasoning_tokens,
+    )
+
+
+def _usage_columns(usage: Usage) -> dict[str, int]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "output_tokens": usage.output_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+    }
+
+
+def roll_windows(chain: Sequence[BudgetState], now_us: int, entries: list[EntryDraft]) -> None:
+    """Start a new window for every periodic budget whose window has ended.
+
+    `spent` and `overage` restart at zero with a ROLLOVER entry whose deltas undo the old
+    window's figures; `reserved` carries over, so pending reservations stay covered.
+    """
+    for budget in chain:
+        if budget.period == "NONE":
+            continue
+        start_us, _ = window_bounds(budget.period, budget.time_zone, now_us)
+        if start_us <= budget.window_start_us:
+            continue
+        entries.append(
+            EntryDraft(
+                budget_id=budget.id,
+                kind="ROLLOVER",
+                amount=budget.spent,
+                spent_delta=-budget.spent,
+                overage_delta=-budget.overage,
+                actor="rollover",
+            )
+        )
+        budget.spent = 0
+        budget.overage = 0
+        budget.window_start_us = start_us
+
+
+class ChainBatch:
+    """One transaction over one chain: read, decide in memory, write back."""
+
+    def __init__(
+        self, conn: AsyncConnection, chain_ids: Sequence[str], now_us: int, lock_rows: bool
+    ) -> None:
+        self.conn = conn
+        self.chain_ids = tuple(chain_ids)
+        self.now_us = now_us
+        self.lock_rows = lock_rows
+        self.chain: list[BudgetState] = []
+        self.by_id: dict[str, BudgetState] = {}
+        self.reservations: dict[str, ReservationState] = {}
+        self.by_key: dict[str, ReservationState] = {}
+        self.prices: dict[str, Price] = {}
+        self.entries: list[EntryDraft] = []
+
+    # ------------------------------------------------------------------ reading
+
+    async def load(self, ops: Sequence[Op]) -> None:
+        query = (
+            select(budgets)
+            .where(budgets.c.id.in_(self.chain_ids))
+            .order_by(budgets.c.depth, budgets.c.id)
+        )
+        if self.lock_rows:
+            query = query.with_for_update()
+        rows = (await self.conn.execute(query)).all()
+        if len(rows) != len(self.chain_ids):
+            missing = set(self.chain_ids) - {row.id for row in rows}
+            raise NotFound(f"budget {sorted(missing)[0]!r} does not exist")
+        self.chain = [BudgetState.from_row(row) for row in rows]
+        self.by_id = {b.id: b for b in self.chain}
+        roll_windows(self.chain, self.now_us, self.entries)
+
+        ids = [str(getattr(op, "reservation_id")) for op in ops if not isinstance(op, ReserveOp)]
+        keys = [op.idempotency_key for op in ops if isinstance(op, ReserveOp) and op.idempotency_key]
+        conditions = []
+        if ids:
+            conditions.append(reservations.c.id.in_(ids))
+        if keys:
+            conditions.append(
+                and_(
+                    reservations.c.budget_id == self.chain_ids[-1],
+                    reservations.c.idempotency_key.in_(keys),
+                )
+            )
+        if conditions:
+            res_rows = (await self.conn.execute(select(reservations).where(or_(*conditions)))).all()
+            if res_rows:
+                hold_rows = (
+                    await self.conn.execute(
+                        select(reservation_holds).where(
+                            reservation_holds.c.reservation_id.in_([r.id for r in res_rows])
+                        )
+                    )
+                ).all()
+                for row in res_rows:
+                    self._remember(self._reservation_from_row(row))
+                for hold in hold_rows:
+                    res = self.reservations[hold.reservation_id]
+                    res.holds[hold.budget_id] = hold.held
+                    res.charges[hold.budget_id] = hold.charged
+
+        if any(b.unit == "USD" for b in self.chain):
+            models = {getattr(op, "model", "") for op in ops} | {
+                r.model for r in self.reservations.values()
+            }
+            self.prices = await load_prices(self.conn, {m for m in models if m})
+
+    @staticmethod
+    def _reservation_from_row(row: Any) -> ReservationState:
+        return ReservationState(
+            id=row.id,
+            budget_id=row.budget_id,
+            state=row.state,
+            idempotency_key=row.idempotency_key,
+            model=row.model,
+            labels=json.loads(row.labels),
+            usage=_usage_of(row),
+            charged=row.charged,
+            overage=row.overage,
+            expires_at_us=row.expires_at_us,
+            created_at_us=row.created_at_us,
+            finished_at_us=row.finished_at_us,
+            read_state=row.state,
+        )
+
+    def _remember(self, res: ReservationState) -> None:
+        self.reservations[res.id] = res
+        if res.idempotency_key:
+            self.by_key[res.idempotency_key] = res
+
+    # ------------------------------------------------------------------ deciding
+
+    def apply(self, op: Op) -> OpResult | LedgerError:
+        """Decide one operation; on a refusal nothing it touched has changed."""
+        try:
+            if isinstance(op, ReserveOp):
+                return self._reserve(op)
+            if isinstance(op, ExtendOp):
+                return self._extend(op)
+            if isinstance(op, CommitOp):
+                return self._finish(op.reservation_id, op, "COMMIT")
+            if isinstance(op, ReleaseOp):
+                return self._finish(op.reservation_id, op, "RELEASE")
+            if isinstance(op, ExpireOp):
+                return self._finish(op.reservation_id, op, "EXPIRE")
+            if isinstance(op, RecordUsageOp):
+                return self._record_usage(op)
+        except LedgerError as error:
+            return error
+        raise TypeError(f"unknown operation {op!r}")
+
+    def _amounts(
+        self, amount: int, estimate: Usage | None, model: str, what: str
+    ) -> dict[str, int]:
+        """What an amount or a usage estimate means in each budget's own unit."""
+        if estimate is not None:
+            return {
+                b.id: cost(b.unit, estimate, self.prices.get(model), model) for b in self.chain
+            }
+        units = {b.unit for b in self.chain}
+        if len(units) > 1:
+            raise InvalidArgument(
+                f"the budgets of {self.chain_ids[-1]!r} mix units ({', '.join(sorted(units))}); "
+                f"give the {what} as token usage with a model so each is charged in its own unit"
+            )
+        return dict.fromkeys(self.chain_ids, amount)
+
+    def _check_grant(self, amounts: dict[str, int]) -> None:
+        for budget in self.chain:  # root-first: the error names the highest refusing budget
+            if budget.frozen:
+                raise FailedPrecondition(f"budget {budget.id!r} is frozen")
+            wanted = amounts[budget.id]
+            if wanted > AMOUNT_MAX or budget.spent + budget.reserved + wanted > 2**63 - 1:
+                raise InvalidArgument(f"amount {wanted} would overflow budget {budget.id!r}")
+            if budget.mode == "HARD" and wanted > budget.limit - budget.spent - budget.reserved:
+                raise BudgetExhausted(budget.id, wanted, budget.available, budget.unit)
+
+    def _hold(self, res: ReservationState, amounts: dict[str, int], kind: str, actor: str) -> None:
+        for budget in self.chain:
+            amount = amounts[budget.id]
+            budget.reserved += amount
+            res.holds[budget.id] = res.holds.get(budget.id, 0) + amount
+            self.entries.append(
+                EntryDraft(
+                    budget_id=budget.id,
+                    kind=kind,
+                    amount=amount,
+                    reserved_delta=amount,
+                    reservation_id=res.id,
+                    usage=res.usage,
+                    model=res.model,
+                    labels=json.dumps(res.labels, sort_keys=True),
+                    actor=actor,
+                )
+            )
+            ledger_assert(
+                budget.mode != "HARD" or budget.spent + budget.reserved <= budget.limit,
+                f"a grant of {amount} took HARD budget {budget.id!r} past its limit",
+            )
+
+    def _reserve(self, op: ReserveOp) -> OpResult:
+        if op.idempotency_key and (earlier := self.by_key.get(op.idempotency_key)):
+            return self._result(earlier, replayed=True)
+        amounts = self._amounts(op.amount, op.estimate, op.model, "reservation")
+        self._check_grant(amounts)
+        res = ReservationState(
+            id=new_reservation_id(),
+            budget_id=self.chain_ids[-1],
+            state="PENDING",
+            idempotency_key=op.idempotency_key,
+            model=op.model,
+            labels=op.labels,
+            usage=op.usage,
+            charged=0,
+            overage=0,
+            expires_at_us=self.now_us + op.ttl_ms * 1000,
+            created_at_us=self.now_us,
+            finished_at_us=0,
+            is_new=True,
+        )
+        self._hold(res, amounts, "RESERVE", op.actor)
+        self._remember(res)
+        return self._result(res)
+
+    def _pending(self, reservation_id: str, verb: str) -> ReservationState:
+        res = self.reservations.get(reservation_id)
+        if res is None or res.budget_id != self.chain_ids[-1]:
+            raise NotFound(f"reservation {reservation_id!r} does not exist")
+        if res.state != "PENDING":
+            raise FailedPrecondition(
+                f"cannot {verb} reservation {reservation_id!r}: it is already {res.state.lower()}"
+            )
+        return res
+
+    def _extend(self, op: ExtendOp) -> OpResult:
+        res = self._pending(op.reservation_id, "extend")
+        if res.expires_at_us <= self.now_us:
+            raise FailedPrecondition(f"cannot extend reservation {res.id!r}: it has expired")
+        if op.usage is not None:
+            if not op.usage.covers(res.usage):
+                raise InvalidArgument("usage is cumulative and cannot go backwards")
+        amounts = self._amounts(op.amount, op.estimate, res.model, "extension")
+        self._check_grant(amounts)
+        if op.usage is not None and op.usage != res.usage:
+            res.usage = op.usage
+            res.usage_changed = True
+        if op.ttl_ms:
+            res.expires_at_us = self.now_us + op.ttl_ms * 1000
+            res.expiry_changed = True
+        self._hold(res, amounts, "EXTEND", op.actor)
+        res.holds_changed = True
+        return self._result(res)
+
+    def _record_usage(self, op: RecordUsageOp) -> OpResult:
+        res = self._pending(op.reservation_id, "record usage on")
+        if not op.usage.covers(res.usage):
+            raise InvalidArgument("usage is cumulative and cannot go backwards")
+        if op.usage != res.usage:
+            res.usage = op.usage
+            res.usage_changed = True
+        return self._result(res)
+
+    def _finish(self, reservation_id: str, op: Op, kind: str) -> OpResult:
+        res = self.reservations.get(reservation_id)
+        if res is None or res.budget_id != self.chain_ids[-1]:
+            raise NotFound(f"reservation {reservation_id!r} does not exist")
+        final_state = {"COMMIT": "COMMITTED", "RELEASE": "RELEASED", "EXPIRE": "EXPIRED"}[kind]
+        if res.state != "PENDING":
+            if res.state == final_state and kind != "EXPIRE":
+                return self._result(res, replayed=True, charged=res.charged, overage=res.overage)
+            verb = kind.lower()
+            raise FailedPrecondition(
+                f"cannot {verb} reservation {res.id!r}: it was already {res.state.lower()}"
+                + (f" and charged {res.charged}" if res.charged else "")
+            )
+        if kind == "EXPIRE" and res.expires_at_us > self.now_us:
+            raise FailedPrecondition(f"reservation {res.id!r} has not expired yet")
+
+        charges = dict.fromkeys(self.chain_ids, 0)
+        if isinstance(op, CommitOp):
+            if op.usage is not None:
+                if not op.usage.covers(res.usage):
+                    raise InvalidArgument(
+                        "the committed usage is below usage already reported for this "
+                        "reservation; usage is cumulative"
+                    )
+                res.usage = op.usage
+                res.usage_changed = True
+                charges = self._amounts(0, op.usage, res.model, "commit")
+            else:
+                charges = self._amounts(op.amount, None, res.model, "commit")
+        elif kind == "EXPIRE" and not res.usage.is_zero:
+            charges = self._amounts(0, res.usage, res.model, "expiry")
+
+        labels = json.dumps(res.labels, sort_keys=True)
+        for budget in self.chain:
+            held = res.holds.get(budget.id, 0)
+            charge = charges[budget.id]
+            overage = max(0, charge - held)
+            budget.reserved -= held
+            budget.spent += charge
+            budget.overage += overage
+            ledger_assert(budget.reserved >= 0, f"reserved of {budget.id} went negative")
+            res.charges[budget.id] = charge
+            self.entries.append(
+                EntryDraft(
+                    budget_id=budget.id,
+                    kind=kind,
+                    amount=charge,
+                    spent_delta=charge,
+                    reserved_delta=-held,
+                    overage_delta=overage,
+                    reservation_id=res.id,
+                    usage=res.usage,
+                    model=res.model,
+                    labels=labels,
+                    actor=op.actor,
+                )
+            )
+        own = self.chain_ids[-1]
+        res.charged = charges[own]
+        res.overage = max(0, charges[own] - res.holds.get(own, 0))
+        res.state = final_state
+        res.finished_at_us = self.now_us
+        return self._result(res, charged=res.charged, overage=res.overage)
+
+    def _result(
+        self, res: ReservationState, *, replayed: bool = False, charged: int = 0, overage: int = 0
+    ) -> OpResult:
+        chain = tuple(budget_view(b) for b in self.chain)
+        return OpResult(
+            reservation=reservation_view(res),
+            budget=chain[-1],
+            replayed=replayed,
+            charged=charged,
+            overage=overage,
+            chain=chain,
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    async def flush(self) -> None:
+        now = self.now_us
+        for budget in self.chain:
+            if not budget.changed:
+                continue
+            spent0, reserved0, overage0, window0 = budget.read_figures
+            result = await self.conn.execute(
+                update(budgets)
+                .where(
+                    budgets.c.id == budget.id,
+                    budgets.c.spent == spent0,
+                    budgets.c.reserved == reserved0,
+                    budgets.c.overage == overage0,
+                    budgets.c.window_start_us == window0,
+                )
+                .values(
+                    spent=budget.spent,
+                    reserved=budget.reserved,
+                    overage=budget.overage,
+                    window_start_us=budget.window_start_us,
+                    updated_at_us=now,
+                )
+            )
+            if result.rowcount != 1:
+                raise ConcurrentWrite(budget.id)
+
+        new = [r for r in self.reservations.values() if r.is_new]
+        if new:
+            await self.conn.execute(
+                insert(reservations),
+                [
+                    {
+                        "id": r.id,
+                        "budget_id": r.budget_id,
+                        "state": r.state,
+                        "idempotency_key": r.idempotency_key,
+                        "model": r.model,
+                        "labels": json.dumps(r.labels, sort_keys=True),
+                        **_usage_columns(r.usage),
+                        "charged": r.charged,
+                        "overage": r.overage,
+                        "expires_at_us": r.expires_at_us,
+                        "created_at_us": r.created_at_us,
+                        "finished_at_us": r.finished_at_us,
+                    }
+                    for r in new
+                ],
+            )
+            await self.conn.execute(
+                insert(reservation_holds),
+                [
+                    {
+                        "reservation_id": r.id,
+                        "budget_id": budget_id,
+                        "held": held,
+                        "charged": r.charges.get(budget_id, 0),
+                    }
+                    for r in new
+                    for budget_id, held in r.holds.items()
+                ],
+            )
+
+        changed = [
+            r
+            for r in self.reservations.values()
+            if not r.is_new
+            and (r.state != r.read_state or r.usage_changed or r.expiry_changed)
+        ]
+        if changed:
+            result = await self.conn.execute(
+                update(reservations)
+                .where(
+                    reservations.c.id == bindparam("r_id"),
+                    reservations.c.state == bindparam("r_read_state"),
+                )
+                .values(
+                    state=bindparam("r_state"),
+                    input_tokens=bindparam("r_input"),
+                    cached_input_tokens=bindparam("r_cached"),
+                    output_tokens=bindparam("r_output"),
+                    reasoning_tokens=bindparam("r_reasoning"),
+                    charged=bindparam("r_charged"),
+                    overage=bindparam("r_overage"),
+                    expires_at_us=bindparam("r_expires"),
+                    finished_at_us=bindparam("r_finished"),
+                ),
+                [
+                    {
+                        "r_id": r.id,
+                        "r_read_state": r.read_state,
+                        "r_state": r.state,
+                        "r_input": r.usage.input_tokens,
+                        "r_cached": r.usage.cached_input_tokens,
+                        "r_output": r.usage.output_tokens,
+                        "r_reasoning": r.usage.reasoning_tokens,
+                        "r_charged": r.charged,
+                        "r_overage": r.overage,
+                        "r_expires": r.expires_at_us,
+                        "r_finished": r.finished_at_us,
+                    }
+                    for r in changed
+                ],
+            )
+            # A reservation leaves PENDING exactly once. Where the driver reports rows
+            # matched by an executemany, check it; elsewhere the chain's row locks ensure it.
+            if self.conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(changed):
+                raise ConcurrentWrite("reservations")
+
+        holds = [
+            r
+            for r in self.reservations.values()
+            if not r.is_new and (r.holds_changed or r.state != r.read_state)
+        ]
+        if holds:
+            await self.conn.execute(
+                update(reservation_holds)
+                .where(
+                    reservation_holds.c.reservation_id == bindparam("h_res"),
+                    reservation_holds.c.budget_id == bindparam("h_budget"),
+                )
+                .values(held=bindparam("h_held"), charged=bindparam("h_charged")),
+                [
+                    {
+                        "h_res": r.id,
+                        "h_budget": budget_id,
+                        "h_held": held,
+                        "h_charged": r.charges.get(budget_id, 0),
+                    }
+                    for r in holds
+                    for budget_id, held in r.holds.items()
+                ],
+            )
+
+        if self.entries:
+            await self.conn.execute(
+                insert(ledger_entries),
+                [
+                    {
+                        "budget_id": e.budget_id,
+                        "kind": e.kind,
+                        "amount": e.amount,
+                        "spent_delta": e.spent_delta,
+                        "reserved_delta": e.reserved_delta,
+                        "overage_delta": e.overage_delta,
+                        "reservation_id": e.reservation_id,
+                        **_usage_columns(e.usage),
+                        "model": e.model,
+                        "labels": e.labels,
+                        "created_at_us": now,
+                        "actor": e.actor,
+                    }
+                    for e in self.entries
+                ],
+            )

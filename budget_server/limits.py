@@ -1,0 +1,27 @@
+"""Every bound the service enforces, in one place (TigerBeetle style: a limit on everything).
+
+Units go last in names. Amounts are int64 on the wire and BIGINT in SQL, so sums are
+capped well below 2**63 to leave room for adding a grant to spent + reserved.
+"""
+
+from typing import Final
+
+INT64_MAX: Final = 2**63 - 1
+AMOUNT_MAX: Final = 2**62  # any single amount, limit or usage count; sums stay < INT64_MAX
+ID_LENGTH_MAX: Final = 128
+IDEMPOTENCY_KEY_LENGTH_MAX: Final = 128
+MODEL_LENGTH_MAX: Final = 128
+LABELS_MAX: Final = 16
+LABEL_KEY_LENGTH_MAX: Final = 64
+LABEL_VALUE_LENGTH_MAX: Final = 256
+THRESHOLDS_MAX: Final = 10
+TTL_DEFAULT_MS: Final = 5 * 60 * 1000
+TTL_MIN_MS: Final = 1_000
+TTL_MAX_MS: Final = 24 * 60 * 60 * 1000
+PAGE_SIZE_DEFAULT: Final = 100
+PAGE_SIZE_MAX: Final = 1000
+BATCH_OPS_MAX: Final = 256  # operations one actor applies in one SQL transaction
+ACTOR_QUEUE_MAX: Final = 10_000  # operations waiting on one budget before callers are refused
+ACTOR_IDLE_S: Final = 30.0  # an idle actor exits so memory follows active budgets only
+SWEEP_BATCH_MAX: Final = 500
+DEFAULT_THRESHOLDS_PCT: Final = (50, 70, 90, 100)
