@@ -1,0 +1,47 @@
+"""Fixtures: a real budgetd on a loopback port over a fresh SQLite file or PostgreSQL database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from budget_server.app import BudgetServer
+from budget_server.clock import ManualClock
+from budget_server.config import ServerConfig
+from tests.support.databases import fresh_database
+from tests.support.servers import Stubs, stubs
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def db_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    async with fresh_database(backend, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """Starts at the real time; moves only when the test moves it."""
+    return ManualClock(time.time_ns() // 1000)
+
+
+@pytest.fixture
+async def server(db_url: str, clock: ManualClock) -> AsyncIterator[BudgetServer]:
+    config = ServerConfig(listen="127.0.0.1:0", db_url=db_url, sweep_interval_s=0.05)
+    async with BudgetServer(config, clock=clock) as running:
+        yield running
+
+
+@pytest.fixture
+async def api(server: BudgetServer) -> AsyncIterator[Stubs]:
+    async with stubs(server.address) as connected:
+        yield connected
