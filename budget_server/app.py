@@ -17,9 +17,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
-from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
 from budget_server.api.admin_service import AdminService
 from budget_server.api.budget_service import BudgetService
+from budget_server.api.handlers import add_servicer
 from budget_server.clock import Clock, SystemClock
 from budget_server.config import ServerConfig
 from budget_server.db.engine import Database, open_database
@@ -59,8 +59,9 @@ class BudgetServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_BudgetServiceServicer_to_server(BudgetService(self.ledger), server)
-        pb_grpc.add_AdminServiceServicer_to_server(AdminService(self.ledger), server)
+        services = pb.DESCRIPTOR.services_by_name
+        add_servicer(server, BudgetService(self.ledger), services["BudgetService"])
+        add_servicer(server, AdminService(self.ledger), services["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

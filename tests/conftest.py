@@ -11,7 +11,7 @@ import pytest
 from budget_server.app import BudgetServer
 from budget_server.clock import ManualClock
 from budget_server.config import ServerConfig
-from tests.support.databases import fresh_database
+from tests.support.databases import fresh_database, fresh_postgres
 from tests.support.servers import Stubs, stubs
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -25,6 +25,13 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def db_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
     async with fresh_database(backend, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database, for tests that only make sense there (several servers)."""
+    async with fresh_postgres() as url:
         yield url
 
 

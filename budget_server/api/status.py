@@ -18,6 +18,7 @@ from google.rpc import status_pb2
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.api.convert import UNIT_VALUES
+from budget_server.api.handlers import MalformedRequest
 from budget_server.errors import BudgetExhausted, LedgerError
 
 log = logging.getLogger("budgetd.api")
@@ -58,6 +59,8 @@ def unary(
         self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
     ) -> Response:
         try:
+            if isinstance(request, MalformedRequest):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await handler(self, request, context)
         except LedgerError as error:
             await abort(context, error)

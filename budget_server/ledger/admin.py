@@ -233,9 +233,12 @@ def _encode_token(value: str) -> str:
 
 def _decode_token(token: str) -> str:
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        decoded = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument("page_token is not one this server issued") from exc
+    if not decoded:
+        raise InvalidArgument("page_token is not one this server issued")
+    return decoded
 
 
 async def list_budgets(

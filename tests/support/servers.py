@@ -22,6 +22,7 @@ _BANNER = re.compile(rb"listening on (\S+)")
 class Stubs:
     """gRPC stubs on one channel to one server."""
 
+    address: str
     channel: grpc.aio.Channel
     budget: pb_grpc.BudgetServiceStub
     admin: pb_grpc.AdminServiceStub
@@ -30,7 +31,7 @@ class Stubs:
 @asynccontextmanager
 async def stubs(address: str) -> AsyncIterator[Stubs]:
     async with grpc.aio.insecure_channel(address) as channel:
-        yield Stubs(channel, pb_grpc.BudgetServiceStub(channel), pb_grpc.AdminServiceStub(channel))
+        yield Stubs(address, channel, pb_grpc.BudgetServiceStub(channel), pb_grpc.AdminServiceStub(channel))
 
 
 @dataclass
