@@ -20,12 +20,14 @@ from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.api.admin_service import AdminService
 from budget_server.api.budget_service import BudgetService
 from budget_server.api.handlers import add_servicer
+from budget_server.api.meter_stream import MeterStreams
 from budget_server.clock import Clock, SystemClock
 from budget_server.config import ServerConfig
 from budget_server.db.engine import Database, open_database
 from budget_server.db.migrate import upgrade_to_head
 from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.sweeper import run_sweeper
+from budget_server.meter.registry import SessionRegistry
 
 log = logging.getLogger("budgetd")
 
@@ -48,6 +50,7 @@ class BudgetServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
+        self.sessions = SessionRegistry()
 
     async def start(self) -> None:
         self.db = open_database(self.config.db_url, pool_size=self.config.db_pool_size)
@@ -60,7 +63,8 @@ class BudgetServer:
             ]
         )
         services = pb.DESCRIPTOR.services_by_name
-        add_servicer(server, BudgetService(self.ledger), services["BudgetService"])
+        meter = MeterStreams(self.ledger, self.config.grant_policy, self.sessions)
+        add_servicer(server, BudgetService(self.ledger, meter), services["BudgetService"])
         add_servicer(server, AdminService(self.ledger), services["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

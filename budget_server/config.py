@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from budget_server.meter.policy import GrantPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,3 +25,5 @@ class ServerConfig:
     """text or json."""
     log_level: str = "info"
     """debug, info, warning or error."""
+    grant_policy: GrantPolicy = field(default_factory=GrantPolicy)
+    """How meter grants grow and how long broken streams wait for a resume."""

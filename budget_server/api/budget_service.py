@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -10,6 +11,8 @@ from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
 from budget_server import validation
 from budget_server.api.convert import budget_to_pb, reservation_to_pb, usage_from_pb
+from budget_server.api.handlers import MalformedRequest
+from budget_server.api.meter_stream import MeterStreams
 from budget_server.api.status import unary
 from budget_server.errors import InvalidArgument
 from budget_server.ledger import admin
@@ -35,9 +38,18 @@ def amount_or_estimate(
 
 
 class BudgetService(pb_grpc.BudgetServiceServicer):
-    def __init__(self, ledger: Ledger, meter: Any = None) -> None:
+    def __init__(self, ledger: Ledger, meter: MeterStreams) -> None:
         self.ledger = ledger
         self._meter = meter
+
+    async def Meter(
+        self,
+        request_iterator: AsyncIterator[pb.MeterRequest | MalformedRequest],
+        context: Context,
+    ) -> AsyncIterator[pb.MeterEvent]:
+        # grpc.aio recognises a streaming handler by it being an async generator function.
+        async for event in self._meter.serve(request_iterator, context):
+            yield event
 
     @unary
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:

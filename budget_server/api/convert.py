@@ -97,6 +97,8 @@ def reservation_to_pb(view: ReservationView) -> pb.Reservation:
         state=STATE_VALUES[view.state],
         granted=view.granted,
         usage=usage_to_pb(view.usage),
+        grant_input_tokens=view.grant.input_tokens,
+        grant_output_tokens=view.grant.output_tokens,
         charged=view.charged,
         overage=view.overage,
         expires_at_us=view.expires_at_us,
@@ -115,6 +117,8 @@ def reservation_row_to_pb(row: Any) -> pb.Reservation:
         budget_id=row.budget_id,
         state=STATE_VALUES[row.state],
         granted=row.held,
+        grant_input_tokens=row.grant_input_tokens,
+        grant_output_tokens=row.grant_output_tokens,
         usage=pb.Usage(
             input_tokens=row.input_tokens,
             cached_input_tokens=row.cached_input_tokens,

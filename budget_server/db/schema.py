@@ -72,6 +72,10 @@ reservations = Table(
     Column("cached_input_tokens", BigInteger, nullable=False),
     Column("output_tokens", BigInteger, nullable=False),
     Column("reasoning_tokens", BigInteger, nullable=False),
+    # The token shape a meter stream's hold was priced from (0 for plain reservations), so
+    # a stream resumed on another process knows how far its grant reaches.
+    Column("grant_input_tokens", BigInteger, nullable=False),
+    Column("grant_output_tokens", BigInteger, nullable=False),
     Column("charged", BigInteger, nullable=False),  # on its own budget, once finished
     Column("overage", BigInteger, nullable=False),
     Column("expires_at_us", BigInteger, nullable=False),

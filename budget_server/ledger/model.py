@@ -91,6 +91,7 @@ class ReservationState:
     model: str
     labels: dict[str, str]
     usage: Usage
+    grant: Usage  # the token shape a meter hold was priced from; zero for plain reservations
     charged: int
     overage: int
     expires_at_us: int
@@ -101,7 +102,7 @@ class ReservationState:
     is_new: bool = False
     read_state: str = "PENDING"
     usage_changed: bool = False
-    holds_changed: bool = False
+    holds_changed: bool = False  # holds or grant
     expiry_changed: bool = False
 
     @property
@@ -146,7 +147,9 @@ class ReserveOp(Op):
     ttl_ms: int
     idempotency_key: str | None
     labels: dict[str, str]
-    usage: Usage = ZERO_USAGE  # usage already known (a meter stream resuming elsewhere)
+    # Meter streams: grant as much output as fits between these bounds (input from estimate),
+    # so a stream near the limit gets exactly what is left instead of a refusal.
+    output_range: tuple[int, int] | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -156,6 +159,10 @@ class ExtendOp(Op):
     estimate: Usage | None
     ttl_ms: int
     usage: Usage | None = None  # persisted with the grant change (meter streams)
+    # Meter streams: grow the grant to this token shape, or as far towards it as fits but
+    # at least to output_floor; refused (BudgetExhausted) only below the floor.
+    grant_target: Usage | None = None
+    output_floor: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -179,10 +186,11 @@ class ExpireOp(Op):
 
 @dataclass(slots=True, kw_only=True)
 class RecordUsageOp(Op):
-    """Persist a reservation's last usage without changing its grant (meter checkpoints)."""
+    """Persist a reservation's last usage and push its expiry (meter checkpoints, resumes)."""
 
     reservation_id: str
-    usage: Usage
+    usage: Usage | None
+    ttl_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +226,7 @@ class ReservationView:
     state: str
     granted: int
     usage: Usage
+    grant: Usage
     charged: int
     overage: int
     expires_at_us: int

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import and_, bindparam, insert, or_, select, update
@@ -43,7 +44,7 @@ from budget_server.ledger.model import (
     ReserveOp,
 )
 from budget_server.ledger.prices import load_prices
-from budget_server.ledger.usage import Price, Usage, cost
+from budget_server.ledger.usage import ZERO_USAGE, Price, Usage, cost
 from budget_server.ledger.windows import window_bounds
 from budget_server.limits import AMOUNT_MAX
 
@@ -87,6 +88,7 @@ def reservation_view(res: ReservationState) -> ReservationView:
         state=res.state,
         granted=res.granted,
         usage=res.usage,
+        grant=res.grant,
         charged=res.charged,
         overage=res.overage,
         expires_at_us=res.expires_at_us,
@@ -223,6 +225,7 @@ class ChainBatch:
             model=row.model,
             labels=json.loads(row.labels),
             usage=_usage_of(row),
+            grant=Usage(input_tokens=row.grant_input_tokens, output_tokens=row.grant_output_tokens),
             charged=row.charged,
             overage=row.overage,
             expires_at_us=row.expires_at_us,
@@ -309,7 +312,14 @@ class ChainBatch:
     def _reserve(self, op: ReserveOp) -> OpResult:
         if op.idempotency_key and (earlier := self.by_key.get(op.idempotency_key)):
             return self._result(earlier, replayed=True)
-        amounts = self._amounts(op.amount, op.estimate, op.model, "reservation")
+        grant = ZERO_USAGE
+        if op.output_range is not None and op.estimate is not None:
+            low, high = op.output_range
+            output = self._largest_affordable_output(op.estimate, low, high, {}, op.model)
+            grant = replace(op.estimate, output_tokens=output, reasoning_tokens=0)
+            amounts = self._amounts(0, grant, op.model, "reservation")
+        else:
+            amounts = self._amounts(op.amount, op.estimate, op.model, "reservation")
         self._check_grant(amounts)
         res = ReservationState(
             id=new_reservation_id(),
@@ -318,7 +328,8 @@ class ChainBatch:
             idempotency_key=op.idempotency_key,
             model=op.model,
             labels=op.labels,
-            usage=op.usage,
+            usage=ZERO_USAGE,
+            grant=grant,
             charged=0,
             overage=0,
             expires_at_us=self.now_us + op.ttl_ms * 1000,
@@ -347,7 +358,10 @@ class ChainBatch:
         if op.usage is not None:
             if not op.usage.covers(res.usage):
                 raise InvalidArgument("usage is cumulative and cannot go backwards")
-        amounts = self._amounts(op.amount, op.estimate, res.model, "extension")
+        if op.grant_target is not None:
+            amounts = self._grow_grant(res, op.grant_target, op.output_floor)
+        else:
+            amounts = self._amounts(op.amount, op.estimate, res.model, "extension")
         self._check_grant(amounts)
         if op.usage is not None and op.usage != res.usage:
             res.usage = op.usage
@@ -360,13 +374,67 @@ class ChainBatch:
         return self._result(res)
 
     def _record_usage(self, op: RecordUsageOp) -> OpResult:
-        res = self._pending(op.reservation_id, "record usage on")
-        if not op.usage.covers(res.usage):
-            raise InvalidArgument("usage is cumulative and cannot go backwards")
-        if op.usage != res.usage:
-            res.usage = op.usage
-            res.usage_changed = True
+        res = self._pending(op.reservation_id, "meter")
+        if op.usage is not None:
+            if not op.usage.covers(res.usage):
+                raise InvalidArgument("usage is cumulative and cannot go backwards")
+            if op.usage != res.usage:
+                res.usage = op.usage
+                res.usage_changed = True
+        if op.ttl_ms:
+            res.expires_at_us = self.now_us + op.ttl_ms * 1000
+            res.expiry_changed = True
         return self._result(res)
+
+    def _affordable(self, extra: dict[str, int]) -> str | None:
+        """The first budget (root-first) that cannot cover `extra`, or None."""
+        for budget in self.chain:
+            if budget.frozen or (
+                budget.mode == "HARD"
+                and extra[budget.id] > budget.limit - budget.spent - budget.reserved
+            ):
+                return budget.id
+        return None
+
+    def _largest_affordable_output(
+        self, shape: Usage, low: int, high: int, holds: dict[str, int], model: str
+    ) -> int:
+        """The most output tokens in [low, high] that every budget can still cover.
+
+        Costs grow with output in every unit, so a binary search finds the edge; near the
+        limit this is what shrinks a grant to exactly what is left.
+        """
+
+        def extra(output: int) -> dict[str, int]:
+            usage = replace(shape, output_tokens=output, reasoning_tokens=0)
+            needed = self._amounts(0, usage, model, "grant")
+            return {b: needed[b] - holds.get(b, 0) for b in needed}
+
+        if (refusing := self._affordable(extra(low))) is not None:
+            budget = self.by_id[refusing]
+            if budget.frozen:
+                raise FailedPrecondition(f"budget {budget.id!r} is frozen")
+            raise BudgetExhausted(budget.id, extra(low)[refusing], budget.available, budget.unit)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self._affordable(extra(middle)) is None:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def _grow_grant(self, res: ReservationState, target: Usage, floor: int) -> dict[str, int]:
+        """Extra amounts per budget to grow a meter grant towards `target`; updates res.grant."""
+        shape = Usage(
+            input_tokens=max(target.input_tokens, res.grant.input_tokens),
+            output_tokens=res.grant.output_tokens,
+        )
+        low = max(floor, res.grant.output_tokens)
+        high = max(target.output_tokens, low)
+        output = self._largest_affordable_output(shape, low, high, res.holds, res.model)
+        res.grant = replace(shape, output_tokens=output)
+        needed = self._amounts(0, res.grant, res.model, "grant")
+        return {b: max(0, needed[b] - res.holds.get(b, 0)) for b in needed}
 
     def _finish(self, reservation_id: str, op: Op, kind: str) -> OpResult:
         res = self.reservations.get(reservation_id)
@@ -387,11 +455,8 @@ class ChainBatch:
         charges = dict.fromkeys(self.chain_ids, 0)
         if isinstance(op, CommitOp):
             if op.usage is not None:
-                if not op.usage.covers(res.usage):
-                    raise InvalidArgument(
-                        "the committed usage is below usage already reported for this "
-                        "reservation; usage is cumulative"
-                    )
+                # The committed usage is final (often the provider's own count), so it may
+                # be below what the client estimated while streaming.
                 res.usage = op.usage
                 res.usage_changed = True
                 charges = self._amounts(0, op.usage, res.model, "commit")
@@ -486,6 +551,8 @@ class ChainBatch:
                         "model": r.model,
                         "labels": json.dumps(r.labels, sort_keys=True),
                         **_usage_columns(r.usage),
+                        "grant_input_tokens": r.grant.input_tokens,
+                        "grant_output_tokens": r.grant.output_tokens,
                         "charged": r.charged,
                         "overage": r.overage,
                         "expires_at_us": r.expires_at_us,
@@ -513,7 +580,7 @@ class ChainBatch:
             r
             for r in self.reservations.values()
             if not r.is_new
-            and (r.state != r.read_state or r.usage_changed or r.expiry_changed)
+            and (r.state != r.read_state or r.usage_changed or r.expiry_changed or r.holds_changed)
         ]
         if changed:
             result = await self.conn.execute(
@@ -528,6 +595,8 @@ class ChainBatch:
                     cached_input_tokens=bindparam("r_cached"),
                     output_tokens=bindparam("r_output"),
                     reasoning_tokens=bindparam("r_reasoning"),
+                    grant_input_tokens=bindparam("r_grant_input"),
+                    grant_output_tokens=bindparam("r_grant_output"),
                     charged=bindparam("r_charged"),
                     overage=bindparam("r_overage"),
                     expires_at_us=bindparam("r_expires"),
@@ -542,6 +611,8 @@ class ChainBatch:
                         "r_cached": r.usage.cached_input_tokens,
                         "r_output": r.usage.output_tokens,
                         "r_reasoning": r.usage.reasoning_tokens,
+                        "r_grant_input": r.grant.input_tokens,
+                        "r_grant_output": r.grant.output_tokens,
                         "r_charged": r.charged,
                         "r_overage": r.overage,
                         "r_expires": r.expires_at_us,

@@ -309,6 +309,8 @@ class Reservation(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CREATED_AT_US_FIELD_NUMBER: _builtins.int
     FINISHED_AT_US_FIELD_NUMBER: _builtins.int
+    GRANT_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    GRANT_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     budget_id: _builtins.str
     state: Global___ReservationState.ValueType
@@ -323,6 +325,9 @@ class Reservation(_message.Message):
     model: _builtins.str
     created_at_us: _builtins.int
     finished_at_us: _builtins.int
+    grant_input_tokens: _builtins.int
+    """Meter streams: the token shape the grant was priced from."""
+    grant_output_tokens: _builtins.int
     @_builtins.property
     def usage(self) -> Global___Usage:
         """last usage the server knows of"""
@@ -345,10 +350,12 @@ class Reservation(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at_us: _builtins.int = ...,
         finished_at_us: _builtins.int = ...,
+        grant_input_tokens: _builtins.int = ...,
+        grant_output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "charged", b"charged", "created_at_us", b"created_at_us", "expires_at_us", b"expires_at_us", "finished_at_us", b"finished_at_us", "granted", b"granted", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "model", b"model", "overage", b"overage", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "charged", b"charged", "created_at_us", b"created_at_us", "expires_at_us", b"expires_at_us", "finished_at_us", b"finished_at_us", "grant_input_tokens", b"grant_input_tokens", "grant_output_tokens", b"grant_output_tokens", "granted", b"granted", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "model", b"model", "overage", b"overage", "state", b"state", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,1 @@
+"""Meter streams: one LLM response's usage, counted in memory against a growing grant."""

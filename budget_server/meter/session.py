@@ -1,0 +1,322 @@
+"""One meter stream's state machine: unopened -> open -> (aborted) -> finished | broken.
+
+Usage messages are cumulative and handled in memory: inside the grant nothing is written
+and nothing is sent. As usage nears the grant, an extension goes through the budget's
+actor in the background (grants grow geometrically, shrinking to exactly what is left
+near the limit). When usage reaches a grant that could not grow, the stream is aborted
+at once, from memory, which is what keeps abort latency at one message hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+from budget_client._proto.budgetd.v1 import budget_pb2 as pb
+from budget_server import validation
+from budget_server.api.convert import budget_to_pb, reservation_to_pb, usage_to_pb
+from budget_server.errors import (
+    BudgetExhausted,
+    FailedPrecondition,
+    InvalidArgument,
+    LedgerError,
+    NotFound,
+)
+from budget_server.ledger.ledger import Ledger
+from budget_server.ledger.model import (
+    CommitOp,
+    ExtendOp,
+    OpResult,
+    RecordUsageOp,
+    ReserveOp,
+)
+from budget_server.ledger.usage import ZERO_USAGE, Usage
+from budget_server.limits import AMOUNT_MAX
+from budget_server.meter.policy import GrantPolicy
+
+log = logging.getLogger("budgetd.meter")
+
+State = Literal["unopened", "open", "aborted", "finished", "broken"]
+
+
+class MeterSession:
+    """The server side of one Meter stream."""
+
+    def __init__(
+        self, ledger: Ledger, policy: GrantPolicy, send: Callable[[pb.MeterEvent], None]
+    ) -> None:
+        self._ledger = ledger
+        self._policy = policy
+        self._send = send
+        self.state: State = "unopened"
+        self.reservation_id = ""
+        self.budget_id = ""
+        self.max_output_tokens = 0
+        self.grant = ZERO_USAGE
+        self.usage = ZERO_USAGE
+        self._persisted_usage = ZERO_USAGE
+        self._capped_by = ""  # the budget that could not give more at the last extension
+        self._extension: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ open
+
+    async def open(self, message: pb.MeterOpen) -> pb.MeterOpened:
+        if message.resume_reservation_id:
+            result = await self._resume(message)
+            resumed = True
+        else:
+            result = await self._reserve(message)
+            resumed = False
+        reservation = result.reservation
+        self.reservation_id = reservation.id
+        self.budget_id = reservation.budget_id
+        self.grant = reservation.grant
+        self.usage = self._persisted_usage = reservation.usage
+        self.state = "open"
+        self._heartbeat = asyncio.create_task(self._beat(), name=f"meter:{self.reservation_id}")
+        log.debug("meter stream open", extra={"reservation_id": self.reservation_id})
+        return pb.MeterOpened(
+            reservation_id=reservation.id,
+            granted_output_tokens=self.grant.output_tokens,
+            resumed=resumed,
+            usage=usage_to_pb(reservation.usage),
+        )
+
+    async def _reserve(self, message: pb.MeterOpen) -> OpResult:
+        budget_id = validation.budget_id(message.budget_id)
+        prompt = validation.amount(
+            message.prompt_tokens_estimate, "prompt_tokens_estimate", allow_zero=True
+        )
+        max_output = validation.amount(message.max_output_tokens, "max_output_tokens", allow_zero=True)
+        self.max_output_tokens = max_output
+        initial = self._policy.initial_output_tokens
+        high = min(initial, max_output) if max_output else initial
+        return await self._ledger.reserve(
+            ReserveOp(
+                budget_id=budget_id,
+                amount=0,
+                estimate=Usage(input_tokens=prompt),
+                model=validation.model(message.model),
+                ttl_ms=self._policy.ttl_ms,
+                idempotency_key=validation.idempotency_key(message.idempotency_key),
+                labels=validation.labels(message.labels),
+                output_range=(min(1, high), high),
+                actor="meter",
+            )
+        )
+
+    async def _resume(self, message: pb.MeterOpen) -> OpResult:
+        reservation_id = validation.reservation_id(message.resume_reservation_id)
+        self.max_output_tokens = validation.amount(
+            message.max_output_tokens, "max_output_tokens", allow_zero=True
+        )
+        result = await self._ledger.record_usage(
+            RecordUsageOp(
+                reservation_id=reservation_id, usage=None, ttl_ms=self._policy.ttl_ms, actor="meter"
+            )
+        )
+        if message.budget_id and message.budget_id != result.reservation.budget_id:
+            raise InvalidArgument(
+                f"reservation {reservation_id!r} belongs to budget "
+                f"{result.reservation.budget_id!r}, not {message.budget_id!r}"
+            )
+        return result
+
+    # ------------------------------------------------------------------ usage
+
+    def on_usage(self, usage: Usage) -> None:
+        """Take a cumulative usage report; memory only, unless the grant must grow."""
+        if self.state not in ("open", "aborted"):
+            raise FailedPrecondition("usage sent after the stream finished")
+        if not usage.covers(self.usage):
+            raise InvalidArgument(
+                "usage went backwards (counts are cumulative): "
+                f"got input {usage.input_tokens}, output {usage.output_tokens} after "
+                f"input {self.usage.input_tokens}, output {self.usage.output_tokens}"
+            )
+        self.usage = usage
+        if self.state == "open":
+            self._check_grant()
+
+    def _at_edge(self) -> bool:
+        """Whether the next token would be beyond the grant."""
+        return (
+            self.usage.output_tokens >= self.grant.output_tokens
+            or self.usage.input_tokens > self.grant.input_tokens
+        )
+
+    def _check_grant(self) -> None:
+        if self._extension is not None:
+            return  # its completion re-checks with the latest usage
+        if self._at_edge():
+            if self._capped_by:
+                self._abort(pb.ABORT_REASON_EXHAUSTED, self._capped_by)
+            else:
+                self._extension = asyncio.create_task(self._extend())
+            return
+        near = self.usage.output_tokens * 100 >= self.grant.output_tokens * self._policy.refill_at_pct
+        if near and not self._capped_by and not self._output_complete():
+            self._extension = asyncio.create_task(self._extend())
+
+    def _output_complete(self) -> bool:
+        return bool(self.max_output_tokens) and self.grant.output_tokens >= self.max_output_tokens
+
+    async def _extend(self) -> None:
+        policy = self._policy
+        target = max(
+            self.grant.output_tokens * policy.growth,
+            self.usage.output_tokens + policy.step_min_output_tokens,
+        )
+        if self.max_output_tokens:
+            target = min(target, max(self.max_output_tokens, self.usage.output_tokens))
+        target = min(target, AMOUNT_MAX)
+        usage = self.usage
+        try:
+            result = await self._ledger.extend(
+                ExtendOp(
+                    reservation_id=self.reservation_id,
+                    amount=0,
+                    estimate=None,
+                    ttl_ms=policy.ttl_ms,
+                    usage=usage,
+                    grant_target=Usage(
+                        input_tokens=max(usage.input_tokens, self.grant.input_tokens),
+                        output_tokens=target,
+                    ),
+                    output_floor=max(usage.output_tokens, self.grant.output_tokens),
+                    actor="meter",
+                )
+            )
+        except BudgetExhausted as refused:
+            self._capped_by = refused.budget_id
+        except FailedPrecondition as refused:
+            self._extension = None
+            if "frozen" in str(refused):
+                self._abort(pb.ABORT_REASON_FROZEN, self.budget_id, str(refused))
+            else:
+                self._abort(pb.ABORT_REASON_EXPIRED, self.budget_id, str(refused))
+            return
+        except LedgerError as error:
+            log.warning("meter extension failed: %s", error)
+            self._capped_by = self.budget_id
+        else:
+            self._persisted_usage = usage
+            grown = result.reservation.grant.output_tokens > self.grant.output_tokens
+            self.grant = result.reservation.grant
+            if self.grant.output_tokens < target:
+                self._capped_by = self._tightest(result)
+            if grown and self.state == "open":
+                self._send(
+                    pb.MeterEvent(granted=pb.MeterGranted(granted_output_tokens=self.grant.output_tokens))
+                )
+        self._extension = None
+        if self.state == "open":
+            self._check_grant()
+
+    @staticmethod
+    def _tightest(result: OpResult) -> str:
+        """The budget with the least left, root-first on ties: the one that capped a grant."""
+        hard = [b for b in result.chain if b.mode == "HARD"] or list(result.chain)
+        return min(hard, key=lambda b: b.available).id
+
+    def _abort(self, reason: int, budget_id: str, message: str = "") -> None:
+        self.state = "aborted"
+        text = message or f"budget {budget_id!r} is exhausted"
+        log.info(
+            "meter stream aborted",
+            extra={
+                "reservation_id": self.reservation_id,
+                "budget_id": budget_id,
+                "reason": pb.AbortReason.Name(reason),
+                "output_tokens": self.usage.output_tokens,
+                "granted_output_tokens": self.grant.output_tokens,
+            },
+        )
+        self._send(pb.MeterEvent(abort=pb.MeterAbort(reason=reason, budget_id=budget_id, message=text)))
+
+    def abort_externally(self, reason: int, budget_id: str, message: str) -> None:
+        """Freeze or a lowered limit: abort a live stream from outside its own messages."""
+        if self.state == "open":
+            self._abort(reason, budget_id, message)
+
+    # ------------------------------------------------------------------ finish
+
+    async def finish(self, message: pb.MeterFinish, final_usage: Usage) -> pb.MeterCommitted:
+        """Commit the provider's usage when it has one, else the client's own count."""
+        if self.state not in ("open", "aborted"):
+            raise FailedPrecondition("the stream is not open")
+        if not message.has_provider_usage:
+            if not final_usage.is_zero:
+                self.on_usage(final_usage)
+            final_usage = self.usage
+        if self._extension is not None:
+            with contextlib.suppress(Exception):
+                await self._extension
+        self._stop_heartbeat()
+        result = await self._ledger.commit(
+            CommitOp(
+                reservation_id=self.reservation_id, usage=final_usage, amount=0, actor="meter"
+            )
+        )
+        self.state = "finished"
+        return pb.MeterCommitted(
+            reservation=reservation_to_pb(result.reservation),
+            charged=result.charged,
+            overage=result.overage,
+            budget=budget_to_pb(result.budget),
+        )
+
+    async def close(self) -> None:
+        """The stream ended. Unless it finished, keep the reservation for a resume window,
+        with its last usage persisted, after which the sweeper charges that usage."""
+        self._stop_heartbeat()
+        if self._extension is not None:
+            self._extension.cancel()
+        if self.state not in ("open", "aborted"):
+            return
+        self.state = "broken"
+        try:
+            await self._ledger.record_usage(
+                RecordUsageOp(
+                    reservation_id=self.reservation_id,
+                    usage=self.usage,
+                    ttl_ms=self._policy.resume_window_ms,
+                    actor="meter",
+                )
+            )
+        except (FailedPrecondition, NotFound):
+            pass  # finished meanwhile, e.g. resumed and committed through another stream
+        except LedgerError as error:
+            log.warning("could not persist usage of broken stream %s: %s", self.reservation_id, error)
+
+    # ------------------------------------------------------------------ heartbeat
+
+    async def _beat(self) -> None:
+        """Persist usage and push the expiry while the stream lives, so a live stream's
+        reservation never expires and a crash loses at most one beat of usage."""
+        interval_s = self._policy.heartbeat_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.state != "open" or self._extension is not None:
+                continue
+            try:
+                await self._ledger.record_usage(
+                    RecordUsageOp(
+                        reservation_id=self.reservation_id,
+                        usage=self.usage,
+                        ttl_ms=self._policy.ttl_ms,
+                        actor="meter",
+                    )
+                )
+                self._persisted_usage = self.usage
+            except LedgerError as error:
+                log.warning("meter heartbeat failed for %s: %s", self.reservation_id, error)
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
