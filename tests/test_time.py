@@ -50,12 +50,22 @@ async def test_sweeper_expires_a_reservation_after_its_ttl(api: Stubs, clock: Ma
     assert (budget.reserved, budget.spent) == (200, 0)
     assert (await _state_of(api, "ttl:a", other.reservation.id)).state == pb.RESERVATION_STATE_PENDING
 
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await api.budget.Commit(pb.CommitRequest(reservation_id=held.reservation.id, amount=10))
-    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "expired" in (caught.value.details() or "")
     expire_entries = [e for e in await all_entries(api, "ttl:a") if e.kind == pb.ENTRY_KIND_EXPIRE]
     assert [(e.reserved_delta, e.spent_delta, e.actor) for e in expire_entries] == [(-300, 0, "sweeper")]
+
+    # A commit that arrives late reconciles: the real usage is charged, beyond no grant.
+    late = await api.budget.Commit(
+        pb.CommitRequest(reservation_id=held.reservation.id, usage=pb.Usage(output_tokens=40))
+    )
+    assert late.reservation.state == pb.RESERVATION_STATE_COMMITTED
+    assert (late.charged, late.budget.spent, late.budget.overage) == (40, 40, 40)
+    again = await api.budget.Commit(
+        pb.CommitRequest(reservation_id=held.reservation.id, usage=pb.Usage(output_tokens=99))
+    )
+    assert (again.charged, again.budget.spent) == (40, 40)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.budget.Release(pb.ReleaseRequest(reservation_id=held.reservation.id))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await assert_ledger_clean(api)
 
 

@@ -17,7 +17,7 @@ from budget_server.api.status import unary
 from budget_server.errors import InvalidArgument
 from budget_server.ledger import admin
 from budget_server.ledger.ledger import Ledger
-from budget_server.ledger.model import CommitOp, ExtendOp, ReleaseOp, ReserveOp
+from budget_server.ledger.model import ChargeOp, CommitOp, ExtendOp, ReleaseOp, ReserveOp
 from budget_server.ledger.usage import Usage
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -116,6 +116,33 @@ class BudgetService(pb_grpc.BudgetServiceServicer):
         )
         return pb.ReleaseResponse(
             reservation=reservation_to_pb(result.reservation), budget=budget_to_pb(result.budget)
+        )
+
+    @unary
+    async def Charge(self, request: pb.ChargeRequest, context: Context) -> pb.ChargeResponse:
+        budget_id = validation.budget_id(request.budget_id)
+        key = validation.idempotency_key(request.idempotency_key)
+        if key is None:
+            raise InvalidArgument("idempotency_key is required: a replayed charge must not count twice")
+        usage = usage_from_pb(request.usage) if request.HasField("usage") else None
+        if usage is not None and request.amount:
+            raise InvalidArgument("give either usage or amount to charge, not both")
+        amount = validation.amount(request.amount) if usage is None else 0
+        result = await self.ledger.charge(
+            ChargeOp(
+                budget_id=budget_id,
+                usage=usage,
+                amount=amount,
+                model=validation.model(request.model),
+                idempotency_key=key,
+                labels=validation.labels(request.labels),
+            )
+        )
+        return pb.ChargeResponse(
+            reservation=reservation_to_pb(result.reservation),
+            budget=budget_to_pb(result.budget),
+            charged=result.charged,
+            replayed=result.replayed,
         )
 
     @unary

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, EnumDescriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
@@ -41,24 +41,36 @@ def message_json(message: Message) -> JSONObject:
         message,
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
-        unquote_int64_if_possible=True,
     )
-    return _in_field_order(cast(Descriptor, message.DESCRIPTOR), doc)
+    return _numbers_in_field_order(cast(Descriptor, message.DESCRIPTOR), doc)
 
 
-def _in_field_order(descriptor: Descriptor, doc: JSONObject) -> JSONObject:
-    """Keys in .proto order (MessageToDict puts set fields before defaults), for readers."""
+_INT64_TYPES = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+
+
+def _numbers_in_field_order(descriptor: Descriptor, doc: JSONObject) -> JSONObject:
+    """64-bit integers back to numbers, keys in .proto order, nested messages likewise.
+
+    The proto3 JSON mapping quotes 64-bit integers (and `unquote_int64_if_possible` only
+    unquotes those below 2^53), so a script would get "9007199254740993" for some amounts
+    and numbers for others. MessageToDict also puts set fields before defaults; .proto
+    order is what a person reading the output expects.
+    """
     ordered: JSONObject = {}
     for field in descriptor.fields:
         if field.name not in doc:
             continue
         value = doc[field.name]
         nested = field.message_type
-        if nested is not None and not nested.GetOptions().map_entry:
+        if nested is not None and nested.GetOptions().map_entry:
+            pass  # budget.proto's maps are string to string
+        elif nested is not None:
             if field.is_repeated:
-                value = [_in_field_order(nested, item) for item in value]
+                value = [_numbers_in_field_order(nested, item) for item in value]
             else:
-                value = _in_field_order(nested, value)
+                value = _numbers_in_field_order(nested, value)
+        elif field.cpp_type in _INT64_TYPES:
+            value = [int(item) for item in value] if field.is_repeated else int(value)
         ordered[field.name] = value
     return ordered
 
@@ -221,13 +233,21 @@ def verification_text(result: pb.VerifyLedgerResponse) -> str:
     Drift amounts stay raw (tokens or nano-dollars, as stored) because whoever repairs
     the ledger needs the exact stored values, not a rendering of them.
     """
-    checked = f"{result.budgets_checked:,} budgets, {result.entries_checked:,} entries checked"
+    checked = (
+        f"{_count(result.budgets_checked, 'budget', 'budgets')}, "
+        f"{_count(result.entries_checked, 'entry', 'entries')} checked"
+    )
     if result.ok and not result.drifts:
         return f"ledger clean: {checked}"
-    lines = [f"LEDGER DRIFT: {len(result.drifts)} figures differ from the entries ({checked})"]
+    differ = _count(len(result.drifts), "figure differs", "figures differ")
+    lines = [f"LEDGER DRIFT: {differ} from the entries ({checked})"]
     lines.extend(
         f"drift  {d.budget_id}  {d.figure}: recorded {d.recorded}, recomputed {d.recomputed} "
         f"(off by {d.recorded - d.recomputed:+})"
         for d in result.drifts
     )
     return "\n".join(lines)
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number:,} {one if number == 1 else many}"

@@ -13,6 +13,7 @@ from budget_server.db.schema import budgets, reservations
 from budget_server.errors import NotFound
 from budget_server.ledger.actors import BudgetActor
 from budget_server.ledger.model import (
+    ChargeOp,
     CommitOp,
     ExpireOp,
     ExtendOp,
@@ -112,6 +113,9 @@ class Ledger:
     # ------------------------------------------------------------------ operations
 
     async def reserve(self, op: ReserveOp) -> OpResult:
+        return await self._submit(op.budget_id, op)
+
+    async def charge(self, op: ChargeOp) -> OpResult:
         return await self._submit(op.budget_id, op)
 
     async def extend(self, op: ExtendOp) -> OpResult:

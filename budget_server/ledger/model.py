@@ -153,6 +153,18 @@ class ReserveOp(Op):
 
 
 @dataclass(slots=True, kw_only=True)
+class ChargeOp(Op):
+    """Usage that already happened, recorded without a grant (spool replays)."""
+
+    budget_id: str
+    usage: Usage | None
+    amount: int
+    model: str
+    idempotency_key: str
+    labels: dict[str, str]
+
+
+@dataclass(slots=True, kw_only=True)
 class ExtendOp(Op):
     reservation_id: str
     amount: int

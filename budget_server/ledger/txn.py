@@ -31,6 +31,7 @@ from budget_server.errors import (
 from budget_server.ledger.model import (
     BudgetState,
     BudgetView,
+    ChargeOp,
     CommitOp,
     EntryDraft,
     ExpireOp,
@@ -180,8 +181,16 @@ class ChainBatch:
         self.by_id = {b.id: b for b in self.chain}
         roll_windows(self.chain, self.now_us, self.entries)
 
-        ids = [str(getattr(op, "reservation_id")) for op in ops if not isinstance(op, ReserveOp)]
-        keys = [op.idempotency_key for op in ops if isinstance(op, ReserveOp) and op.idempotency_key]
+        ids = [
+            str(getattr(op, "reservation_id"))
+            for op in ops
+            if not isinstance(op, ReserveOp | ChargeOp)
+        ]
+        keys = [
+            op.idempotency_key
+            for op in ops
+            if isinstance(op, ReserveOp | ChargeOp) and op.idempotency_key
+        ]
         conditions = []
         if ids:
             conditions.append(reservations.c.id.in_(ids))
@@ -248,6 +257,8 @@ class ChainBatch:
                 return self._reserve(op)
             if isinstance(op, ExtendOp):
                 return self._extend(op)
+            if isinstance(op, ChargeOp):
+                return self._charge(op)
             if isinstance(op, CommitOp):
                 return self._finish(op.reservation_id, op, "COMMIT")
             if isinstance(op, ReleaseOp):
@@ -340,6 +351,31 @@ class ChainBatch:
         self._hold(res, amounts, "RESERVE", op.actor)
         self._remember(res)
         return self._result(res)
+
+    def _charge(self, op: ChargeOp) -> OpResult:
+        if (earlier := self.by_key.get(op.idempotency_key)) is not None:
+            return self._result(earlier, replayed=True, charged=earlier.charged)
+        res = ReservationState(
+            id=new_reservation_id(),
+            budget_id=self.chain_ids[-1],
+            state="PENDING",
+            idempotency_key=op.idempotency_key,
+            model=op.model,
+            labels=op.labels,
+            usage=op.usage or ZERO_USAGE,
+            grant=ZERO_USAGE,
+            charged=0,
+            overage=0,
+            expires_at_us=self.now_us,
+            created_at_us=self.now_us,
+            finished_at_us=0,
+            is_new=True,
+        )
+        self._remember(res)
+        commit = CommitOp(
+            reservation_id=res.id, usage=op.usage, amount=op.amount, actor=op.actor, future=op.future
+        )
+        return self._finish(res.id, commit, "COMMIT")
 
     def _pending(self, reservation_id: str, verb: str) -> ReservationState:
         res = self.reservations.get(reservation_id)
@@ -441,6 +477,8 @@ class ChainBatch:
         if res is None or res.budget_id != self.chain_ids[-1]:
             raise NotFound(f"reservation {reservation_id!r} does not exist")
         final_state = {"COMMIT": "COMMITTED", "RELEASE": "RELEASED", "EXPIRE": "EXPIRED"}[kind]
+        if res.state == "EXPIRED" and isinstance(op, CommitOp) and op.usage is not None:
+            return self._late_commit(res, op.usage, op.actor)
         if res.state != "PENDING":
             if res.state == final_state and kind != "EXPIRE":
                 return self._result(res, replayed=True, charged=res.charged, overage=res.overage)
@@ -494,6 +532,39 @@ class ChainBatch:
         res.charged = charges[own]
         res.overage = max(0, charges[own] - res.holds.get(own, 0))
         res.state = final_state
+        res.finished_at_us = self.now_us
+        return self._result(res, charged=res.charged, overage=res.overage)
+
+    def _late_commit(self, res: ReservationState, usage: Usage, actor: str) -> OpResult:
+        """A commit that arrives after expiry: the reservation was charged at the last usage
+        the server knew of; charge the rest of the real usage now, never less than before."""
+        charges = self._amounts(0, usage, res.model, "commit")
+        labels = json.dumps(res.labels, sort_keys=True)
+        for budget in self.chain:
+            extra = max(0, charges[budget.id] - res.charges.get(budget.id, 0))
+            budget.spent += extra
+            budget.overage += extra
+            res.charges[budget.id] = res.charges.get(budget.id, 0) + extra
+            self.entries.append(
+                EntryDraft(
+                    budget_id=budget.id,
+                    kind="COMMIT",
+                    amount=extra,
+                    spent_delta=extra,
+                    overage_delta=extra,
+                    reservation_id=res.id,
+                    usage=usage,
+                    model=res.model,
+                    labels=labels,
+                    actor=actor,
+                )
+            )
+        own = self.chain_ids[-1]
+        res.usage = usage
+        res.usage_changed = True
+        res.overage = max(0, res.charges[own] - res.holds.get(own, 0))
+        res.charged = res.charges[own]
+        res.state = "COMMITTED"
         res.finished_at_us = self.now_us
         return self._result(res, charged=res.charged, overage=res.overage)
 

@@ -55,6 +55,11 @@ class BudgetServiceStub:
                 request_serializer=budgetd_dot_v1_dot_budget__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=budgetd_dot_v1_dot_budget__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Charge = channel.unary_unary(
+                '/budgetd.v1.BudgetService/Charge',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.ChargeRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.ChargeResponse.FromString,
+                _registered_method=True)
         self.GetBudget = channel.unary_unary(
                 '/budgetd.v1.BudgetService/GetBudget',
                 request_serializer=budgetd_dot_v1_dot_budget__pb2.GetBudgetRequest.SerializeToString,
@@ -94,6 +99,12 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Charge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetBudget(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -128,6 +139,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=budgetd_dot_v1_dot_budget__pb2.ReleaseRequest.FromString,
                     response_serializer=budgetd_dot_v1_dot_budget__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Charge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Charge,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.ChargeRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.ChargeResponse.SerializeToString,
             ),
             'GetBudget': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBudget,
@@ -248,6 +264,33 @@ class BudgetService:
             '/budgetd.v1.BudgetService/Release',
             budgetd_dot_v1_dot_budget__pb2.ReleaseRequest.SerializeToString,
             budgetd_dot_v1_dot_budget__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Charge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.BudgetService/Charge',
+            budgetd_dot_v1_dot_budget__pb2.ChargeRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.ChargeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,7 @@ class BudgetServiceStub:
     Extend: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ExtendRequest, _budget_pb2.ExtendResponse]
     Commit: _grpc.UnaryUnaryMultiCallable[_budget_pb2.CommitRequest, _budget_pb2.CommitResponse]
     Release: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]
+    Charge: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ChargeRequest, _budget_pb2.ChargeResponse]
     GetBudget: _grpc.UnaryUnaryMultiCallable[_budget_pb2.GetBudgetRequest, _budget_pb2.GetBudgetResponse]
     Meter: _grpc.StreamStreamMultiCallable[_budget_pb2.MeterRequest, _budget_pb2.MeterEvent]
 
@@ -50,6 +51,7 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     Extend: _aio.UnaryUnaryMultiCallable[_budget_pb2.ExtendRequest, _budget_pb2.ExtendResponse]  # type: ignore[assignment]
     Commit: _aio.UnaryUnaryMultiCallable[_budget_pb2.CommitRequest, _budget_pb2.CommitResponse]  # type: ignore[assignment]
     Release: _aio.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]  # type: ignore[assignment]
+    Charge: _aio.UnaryUnaryMultiCallable[_budget_pb2.ChargeRequest, _budget_pb2.ChargeResponse]  # type: ignore[assignment]
     GetBudget: _aio.UnaryUnaryMultiCallable[_budget_pb2.GetBudgetRequest, _budget_pb2.GetBudgetResponse]  # type: ignore[assignment]
     Meter: _aio.StreamStreamMultiCallable[_budget_pb2.MeterRequest, _budget_pb2.MeterEvent]  # type: ignore[assignment]
 
@@ -81,6 +83,13 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _budget_pb2.ReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.ReleaseResponse, _abc.Awaitable[_budget_pb2.ReleaseResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Charge(
+        self,
+        request: _budget_pb2.ChargeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.ChargeResponse, _abc.Awaitable[_budget_pb2.ChargeResponse]]: ...
 
     @_abc_1.abstractmethod
     def GetBudget(
