@@ -1,7 +1,7 @@
 """budgetctl: the operators' command line for budgetd's AdminService.
 
-    main.py      argument parsing is in parser.py; main runs one command and maps failures
-                 to exit codes (0 ok, 1 ledger drift, 2 error, 3 budgetd unreachable)
+    main.py      runs one command, prints its result, maps failures to exit codes
+                 (0 ok, 1 ledger drift, 2 error, 3 budgetd unreachable, 130 Ctrl-C)
     parser.py    the argparse tree: every command, its help and its examples
     commands.py  one function per command: call budgetd, build the result
     rpc.py       the gRPC channel, a deadline on every call, page-token following

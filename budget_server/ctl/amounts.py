@@ -50,7 +50,7 @@ def parse_tokens(text: str) -> int:
     )
     if value != value.to_integral_value():
         raise AmountError(f"{text!r} is {value} tokens: a budget counts whole tokens")
-    return _bounded(int(value), text)
+    return _bounded(int(value), text, format_tokens(AMOUNT_MAX))
 
 
 def parse_usd(text: str) -> int:
@@ -68,7 +68,8 @@ def parse_usd(text: str) -> int:
             f"{text!r} has more than {USD_DECIMALS_MAX} decimal places; USD amounts are "
             "exact to one nano-dollar ($0.000000001)"
         )
-    return _bounded(int(_EXACT.scaleb(dollars, Decimal(USD_DECIMALS_MAX))), text)
+    nanos = int(_EXACT.scaleb(dollars, Decimal(USD_DECIMALS_MAX)))
+    return _bounded(nanos, text, format_usd(AMOUNT_MAX))
 
 
 def parse_amount(text: str, unit: pb.Unit.ValueType) -> int:
@@ -115,9 +116,9 @@ def _checked(text: str) -> str:
     return stripped
 
 
-def _bounded(value: int, text: str) -> int:
+def _bounded(value: int, text: str, largest: str) -> int:
     if value > AMOUNT_MAX:
-        raise AmountError(f"{text!r} is above the largest amount budgetd stores ({AMOUNT_MAX:,})")
+        raise AmountError(f"{text!r} is above the largest amount budgetd stores ({largest})")
     return value
 
 

@@ -29,6 +29,7 @@ EXIT_OK: Final = 0
 EXIT_DRIFT: Final = 1
 EXIT_ERROR: Final = 2
 EXIT_UNREACHABLE: Final = 3
+EXIT_INTERRUPTED: Final = 130  # Ctrl-C, as shells report SIGINT
 
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 _UNREACHABLE_CODES: Final = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from budget_server.ctl.commands import Result
-from budget_server.ctl.failures import EXIT_ERROR, CtlError, UsageError
+from budget_server.ctl.failures import EXIT_ERROR, EXIT_INTERRUPTED, CtlError, UsageError
 from budget_server.ctl.parser import build_parser
 from budget_server.ctl.rpc import connect
 
@@ -34,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CtlError as error:
         print(f"budgetctl: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return _emit(result, as_json=bool(args.json))
 
 

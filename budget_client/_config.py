@@ -1,0 +1,51 @@
+"""Client configuration: a frozen dataclass, defaults from BUDGETD_* variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+FailPolicy = Literal["open", "closed"]
+
+
+def _default_spool_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("BUDGETD_SPOOL_DIR", str(Path(base) / "budgetd" / "spool")))
+
+
+def _default_addresses() -> tuple[str, ...]:
+    return tuple(os.environ.get("BUDGETD_ADDRESS", "127.0.0.1:50051").split(","))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """How a BudgetClient reaches budgetd and what it does when it cannot."""
+
+    addresses: tuple[str, ...] = field(default_factory=_default_addresses)
+    """host:port of each budgetd replica; calls are balanced round-robin across them and
+    move to the others when one fails (env BUDGETD_ADDRESS, comma-separated)."""
+    fail_policy: FailPolicy = "open"
+    """open: run the LLM call anyway and spool its usage; closed: raise BudgetUnavailable."""
+    spool_dir: Path = field(default_factory=_default_spool_dir)
+    """Where usage recorded during an outage waits to be replayed (env BUDGETD_SPOOL_DIR)."""
+    timeout_s: float = 5.0
+    """Deadline of each unary call."""
+    connect_timeout_s: float = 2.0
+    """How long opening a meter stream may wait for budgetd before the fail policy applies."""
+    reconnect_backoff_s: tuple[float, float] = (0.05, 2.0)
+    """First and largest pause between attempts to resume a broken meter stream."""
+    finish_timeout_s: float = 10.0
+    """How long finishing a stream keeps trying to reach budgetd before spooling its usage."""
+    replay_interval_s: float = 2.0
+    """How often spooled usage is retried while budgetd is away."""
+    api_key: str | None = field(default_factory=lambda: os.environ.get("BUDGETD_API_KEY"))
+    """Sent as `authorization: Bearer ...` (env BUDGETD_API_KEY)."""
+
+    @property
+    def target(self) -> str:
+        """A gRPC target naming every replica (the ipv4: resolver takes a list)."""
+        if len(self.addresses) == 1:
+            return self.addresses[0]
+        return "ipv4:" + ",".join(self.addresses)

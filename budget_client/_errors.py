@@ -1,0 +1,63 @@
+"""The client's exceptions, one tree (httpx's `_exceptions.py` style):
+
+    BudgetError                 anything budgetd-related; `.code` is the gRPC status or None
+     ├── BudgetExceeded         a budget refused the call, or aborted the stream mid-way
+     ├── BudgetUnavailable      budgetd cannot be reached and the policy is fail-closed
+     ├── ReservationError       the reservation is unknown or already finished
+     └── InvalidRequest         budgetd refused the request as malformed (INVALID_ARGUMENT)
+
+A gRPC failure keeps its status code (`error.code`), so callers never parse messages.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from budget_client._types import Usage
+
+
+class BudgetError(Exception):
+    """Base of every budgetd client error."""
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class BudgetExceeded(BudgetError):
+    """The budget cannot cover the call: refused up front, or aborted while streaming.
+
+    When a stream was cut off, `partial_text` is what the app received before the abort
+    and `usage`/`charged` are what the ledger recorded for it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget_id: str = "",
+        available: int | None = None,
+        partial_text: str = "",
+        usage: Usage | None = None,
+        charged: int | None = None,
+        code: grpc.StatusCode | None = grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.budget_id = budget_id
+        self.available = available
+        self.partial_text = partial_text
+        self.usage = usage
+        self.charged = charged
+
+
+class BudgetUnavailable(BudgetError):
+    """budgetd could not be reached, and the client's policy is fail-closed."""
+
+
+class ReservationError(BudgetError):
+    """The reservation does not exist, or has already been committed, released or expired."""
+
+
+class InvalidRequest(BudgetError):
+    """budgetd refused the request as malformed; the message names the field and the limit."""
