@@ -18,6 +18,8 @@ from budget_client._errors import (
     ReservationError,
 )
 from budget_client._meter import Meter
+from budget_client._openai import MeteredAsyncStream, MeteredStream, wrap_openai
+from budget_client._sync import SyncBudgetClient, SyncMeter
 from budget_client._types import Budget, Committed, Reservation, Usage
 
 __all__ = [
@@ -31,7 +33,12 @@ __all__ = [
     "FailPolicy",
     "InvalidRequest",
     "Meter",
+    "MeteredAsyncStream",
+    "MeteredStream",
     "Reservation",
     "ReservationError",
+    "SyncBudgetClient",
+    "SyncMeter",
     "Usage",
+    "wrap_openai",
 ]

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, TypeVar
 
 import grpc
 
@@ -28,6 +28,8 @@ from budget_client._types import Budget, Committed, Reservation, Usage
 log = logging.getLogger("budget_client")
 
 ClientState = Literal["unopened", "open", "closed"]
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 
 class BudgetClient:
@@ -55,7 +57,7 @@ class BudgetClient:
         self.state: ClientState = "unopened"
         self.spool = Spool(self.config.spool_dir)
         self._channel: grpc.aio.Channel | None = None
-        self._budget: pb_grpc.BudgetServiceStub | None = None
+        self._budget: pb_grpc.BudgetServiceAsyncStub | None = None
         self._replayer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -76,9 +78,9 @@ class BudgetClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._replayer
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(None)
 
-    async def _budget_stub(self) -> pb_grpc.BudgetServiceStub:
+    async def _budget_stub(self) -> pb_grpc.BudgetServiceAsyncStub:
         if self.state == "closed":
             raise RuntimeError("the BudgetClient is closed")
         if self._budget is None:
@@ -126,7 +128,8 @@ class BudgetClient:
     async def extend(self, reservation_id: str, amount: int, *, ttl_ms: int = 0) -> Reservation:
         stub = await self._budget_stub()
         response = await self._call(
-            stub.Extend, pb.ExtendRequest(reservation_id=reservation_id, amount=amount, ttl_ms=ttl_ms)
+            stub.Extend,
+            pb.ExtendRequest(reservation_id=reservation_id, amount=amount, ttl_ms=ttl_ms),
         )
         return Reservation.from_pb(response.reservation)
 
@@ -184,7 +187,9 @@ class BudgetClient:
         response = await self._call(stub.GetBudget, pb.GetBudgetRequest(budget_id=budget_id))
         return Budget.from_pb(response.budget)
 
-    async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable, request: object) -> object:  # type: ignore[type-arg]
+    async def _call(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Request, Response], request: Request
+    ) -> Response:
         try:
             return await method(request, timeout=self.config.timeout_s, metadata=self._metadata())
         except grpc.aio.AioRpcError as error:
@@ -225,10 +230,8 @@ class BudgetClient:
 
     async def _replay_forever(self) -> None:
         while self.spool.entries():
-            try:
+            with contextlib.suppress(BudgetUnavailable):
                 await self.replay_spool()
-            except BudgetUnavailable:
-                pass
             if self.spool.entries():
                 await asyncio.sleep(self.config.replay_interval_s)
 

@@ -78,6 +78,7 @@ class Meter:
         self._sent = Usage()
         self._dirty = asyncio.Event()
         self._abort_callbacks: list[AbortCallback] = []
+        self._callback_tasks: set[asyncio.Future[None]] = set()
         self._call: grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent] | None = None
         self._committed_event: asyncio.Future[pb.MeterCommitted] | None = None
         self._finishing = False
@@ -134,7 +135,9 @@ class Meter:
         try:
             outcome = callback(error)
             if inspect.isawaitable(outcome):
-                asyncio.ensure_future(outcome)
+                task = asyncio.ensure_future(outcome)
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._callback_tasks.discard)
         except Exception:
             log.exception("abort callback failed")
 
@@ -184,7 +187,7 @@ class Meter:
         self, *, resume: bool
     ) -> grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent]:
         stub = await self._client._budget_stub()
-        call = stub.Meter(metadata=self._client._metadata())
+        call = stub.Meter(None, metadata=self._client._metadata())
         opening = pb.MeterOpen(
             budget_id=self.budget_id,
             model=self.model,
@@ -199,9 +202,8 @@ class Meter:
             event = await call.read()
         except grpc.aio.AioRpcError as error:
             raise translate(error) from None
-        if event is grpc.aio.EOF:
+        if not isinstance(event, pb.MeterEvent):  # grpc.aio.EOF
             raise BudgetUnavailable("budgetd closed the meter stream before opening it")
-        assert isinstance(event, pb.MeterEvent)
         opened = event.opened
         self.reservation_id = opened.reservation_id
         self.granted_output_tokens = opened.granted_output_tokens
@@ -211,7 +213,9 @@ class Meter:
             self._dirty.set()  # send the totals counted while away
         return call
 
-    async def _supervise(self, call: grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent]) -> None:
+    async def _supervise(
+        self, call: grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent]
+    ) -> None:
         """Pump the stream; when it breaks, resume it with backoff until finished."""
         first, largest = self._client.config.reconnect_backoff_s
         while True:
@@ -244,9 +248,8 @@ class Meter:
         try:
             while True:
                 event = await call.read()
-                if event is grpc.aio.EOF:
+                if not isinstance(event, pb.MeterEvent):  # grpc.aio.EOF
                     raise _ConnectionLost()
-                assert isinstance(event, pb.MeterEvent)
                 kind = event.WhichOneof("event")
                 if kind == "granted":
                     self.granted_output_tokens = event.granted.granted_output_tokens
@@ -278,7 +281,8 @@ class Meter:
                 await call.write(
                     pb.MeterRequest(
                         finish=pb.MeterFinish(
-                            usage=(final or self._usage).to_pb(), has_provider_usage=final is not None
+                            usage=(final or self._usage).to_pb(),
+                            has_provider_usage=final is not None,
                         )
                     )
                 )
@@ -363,5 +367,3 @@ def _committed_from_pb(message: pb.MeterCommitted) -> Committed:
         overage=message.overage,
         budget=Budget.from_pb(message.budget),
     )
-
-

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.rpc import status_pb2
 
@@ -32,9 +34,11 @@ CHANNEL_OPTIONS: list[tuple[str, object]] = [
 ]
 
 
-def exhausted_detail(error: grpc.aio.AioRpcError | grpc.RpcError) -> pb.BudgetExhaustedDetail | None:
-    trailer = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailer or ():
+def exhausted_detail(
+    error: grpc.aio.AioRpcError,
+) -> pb.BudgetExhaustedDetail | None:
+    metadata: Any = error.trailing_metadata() or ()
+    for key, value in metadata:
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)
             for any_detail in status.details:

@@ -91,7 +91,7 @@ _OFFLINE_ENCODINGS = frozenset({"o200k_base", "cl100k_base", "o200k_harmony"})
 _FALLBACK_ENCODING = "o200k_base"
 
 _seed_lock = threading.Lock()
-_seeded = False
+_seeded_dirs: set[Path] = set()  # a test or app may point TIKTOKEN_CACHE_DIR elsewhere later
 _encodings: dict[str, tiktoken.Encoding] = {}
 
 
@@ -194,10 +194,10 @@ def seed_tiktoken_cache(cache_dir: Path | None = None) -> Path:
 
 
 def _ensure_seeded() -> None:
-    global _seeded
-    if not _seeded:
-        seed_tiktoken_cache()
-        _seeded = True
+    directory = _tiktoken_cache_dir()
+    if directory not in _seeded_dirs:
+        seed_tiktoken_cache(directory)
+        _seeded_dirs.add(directory)
 
 
 def _encoding_name(model: str) -> str:

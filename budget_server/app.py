@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 
-import grpc
+from grpc import aio
+from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio names
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -47,8 +48,8 @@ class BudgetServer:
         self.port = 0
         self.db: Database | None = None
         self.ledger: Ledger | None = None
-        self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._server: aio.Server | None = None
+        self._health = health_aio.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
         self.sessions = SessionRegistry()
 
@@ -56,7 +57,7 @@ class BudgetServer:
         self.db = open_database(self.config.db_url, pool_size=self.config.db_pool_size)
         await upgrade_to_head(self.db)
         self.ledger = Ledger(self.db, self.clock)
-        server = grpc.aio.server(
+        server = aio.server(
             options=[
                 ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
                 ("grpc.so_reuseport", 0),

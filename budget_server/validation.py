@@ -74,7 +74,9 @@ def idempotency_key(value: str) -> str | None:
 
 def model(value: str) -> str:
     if len(value) > MODEL_LENGTH_MAX:
-        raise InvalidArgument(f"model is {len(value)} characters; the maximum is {MODEL_LENGTH_MAX}")
+        raise InvalidArgument(
+            f"model is {len(value)} characters; the maximum is {MODEL_LENGTH_MAX}"
+        )
     return value
 
 
@@ -83,7 +85,9 @@ def labels(values: Mapping[str, str]) -> dict[str, str]:
         raise InvalidArgument(f"{len(values)} labels given; the maximum is {LABELS_MAX}")
     for key, value in values.items():
         if not key or len(key) > LABEL_KEY_LENGTH_MAX:
-            raise InvalidArgument(f"label key {key[:80]!r} must be 1-{LABEL_KEY_LENGTH_MAX} characters")
+            raise InvalidArgument(
+                f"label key {key[:80]!r} must be 1-{LABEL_KEY_LENGTH_MAX} characters"
+            )
         if len(value) > LABEL_VALUE_LENGTH_MAX:
             raise InvalidArgument(
                 f"label {key!r} is {len(value)} characters; the maximum is {LABEL_VALUE_LENGTH_MAX}"

@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT_DEFAULT)
     args = parser.parse_args()
     files = generate(args.out)
-    print(f"generated {len(files)} files in {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    shown = args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out
+    print(f"generated {len(files)} files in {shown}")
 
 
 if __name__ == "__main__":

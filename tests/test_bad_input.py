@@ -28,9 +28,7 @@ def _varint(value: int) -> bytes:
 def _raw_reserve(budget_id: str, amount_varint: int) -> bytes:
     """A ReserveRequest whose amount is any 64-bit pattern, as a hostile client may send."""
     encoded_id = budget_id.encode()
-    return (
-        b"\x0a" + _varint(len(encoded_id)) + encoded_id + b"\x10" + _varint(amount_varint)
-    )
+    return b"\x0a" + _varint(len(encoded_id)) + encoded_id + b"\x10" + _varint(amount_varint)
 
 
 BAD_RESERVES = [
@@ -121,7 +119,10 @@ async def test_bad_reservation_calls(api: Stubs) -> None:
     rid = held.reservation.id
     cases = [
         (api.budget.Commit(pb.CommitRequest(reservation_id="")), INVALID),
-        (api.budget.Commit(pb.CommitRequest(reservation_id="r_" + "0" * 32)), grpc.StatusCode.NOT_FOUND),
+        (
+            api.budget.Commit(pb.CommitRequest(reservation_id="r_" + "0" * 32)),
+            grpc.StatusCode.NOT_FOUND,
+        ),
         (api.budget.Commit(pb.CommitRequest(reservation_id="x" * 500)), INVALID),
         (api.budget.Commit(pb.CommitRequest(reservation_id=rid, amount=-1)), INVALID),
         (
@@ -165,7 +166,11 @@ BAD_BUDGETS = [
         grpc.StatusCode.NOT_FOUND,
         "ghost",
     ),
-    (pb.CreateBudgetRequest(id="exists", unit=pb.UNIT_TOKENS, limit=1), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
+    (
+        pb.CreateBudgetRequest(id="exists", unit=pb.UNIT_TOKENS, limit=1),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "already exists",
+    ),
 ]
 
 

@@ -25,11 +25,16 @@ async def _storm(addresses: list[str], budget_ids: list[str]) -> tuple[list[Any]
         *(
             run_module_json(
                 "tests.support.reserve_storm",
-                "--address", ",".join(addresses),
-                "--budgets", ",".join(budget_ids),
-                "--count", str(CALLS_PER_PROCESS),
-                "--size-max", str(SIZE_MAX),
-                "--seed", str(seed),
+                "--address",
+                ",".join(addresses),
+                "--budgets",
+                ",".join(budget_ids),
+                "--count",
+                str(CALLS_PER_PROCESS),
+                "--size-max",
+                str(SIZE_MAX),
+                "--seed",
+                str(seed),
             )
             for seed in range(PROCESSES)
         )

@@ -89,10 +89,13 @@ async def test_reserve_is_idempotent_by_key(api: Stubs) -> None:
     request = pb.ReserveRequest(budget_id="team:d", amount=300, idempotency_key="req-1")
     first = await api.budget.Reserve(request)
     again = await api.budget.Reserve(request)
-    assert again.replayed and not first.replayed
+    assert again.replayed
+    assert not first.replayed
     assert again.reservation.id == first.reservation.id
     assert again.budget.reserved == 300  # charged once
-    assert len([e for e in await all_entries(api, "team:d") if e.kind == pb.ENTRY_KIND_RESERVE]) == 1
+    assert (
+        len([e for e in await all_entries(api, "team:d") if e.kind == pb.ENTRY_KIND_RESERVE]) == 1
+    )
 
 
 async def test_concurrent_reserves_with_one_key_make_one_reservation(api: Stubs) -> None:

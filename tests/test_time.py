@@ -26,7 +26,9 @@ async def _state_of(api: Stubs, budget_id: str, reservation_id: str) -> pb.Reser
     return next(r for r in page.reservations if r.id == reservation_id)
 
 
-async def _wait_for_state(api: Stubs, budget_id: str, reservation_id: str, state: int) -> pb.Reservation:
+async def _wait_for_state(
+    api: Stubs, budget_id: str, reservation_id: str, state: int
+) -> pb.Reservation:
     for _ in range(200):
         reservation = await _state_of(api, budget_id, reservation_id)
         if reservation.state == state:
@@ -38,20 +40,28 @@ async def _wait_for_state(api: Stubs, budget_id: str, reservation_id: str, state
 async def test_sweeper_expires_a_reservation_after_its_ttl(api: Stubs, clock: ManualClock) -> None:
     await create(api, "ttl:a", 1000)
     held = await api.budget.Reserve(pb.ReserveRequest(budget_id="ttl:a", amount=300, ttl_ms=5_000))
-    other = await api.budget.Reserve(pb.ReserveRequest(budget_id="ttl:a", amount=200, ttl_ms=60_000))
+    other = await api.budget.Reserve(
+        pb.ReserveRequest(budget_id="ttl:a", amount=200, ttl_ms=60_000)
+    )
     clock.advance(seconds=4)
     await asyncio.sleep(0.3)  # several sweeps: nothing is due yet
-    assert (await _state_of(api, "ttl:a", held.reservation.id)).state == pb.RESERVATION_STATE_PENDING
+    assert (
+        await _state_of(api, "ttl:a", held.reservation.id)
+    ).state == pb.RESERVATION_STATE_PENDING
 
     clock.advance(seconds=2)
     expired = await _wait_for_state(api, "ttl:a", held.reservation.id, pb.RESERVATION_STATE_EXPIRED)
     assert expired.charged == 0  # no usage was reported, so nothing is charged
     budget = (await api.budget.GetBudget(pb.GetBudgetRequest(budget_id="ttl:a"))).budget
     assert (budget.reserved, budget.spent) == (200, 0)
-    assert (await _state_of(api, "ttl:a", other.reservation.id)).state == pb.RESERVATION_STATE_PENDING
+    assert (
+        await _state_of(api, "ttl:a", other.reservation.id)
+    ).state == pb.RESERVATION_STATE_PENDING
 
     expire_entries = [e for e in await all_entries(api, "ttl:a") if e.kind == pb.ENTRY_KIND_EXPIRE]
-    assert [(e.reserved_delta, e.spent_delta, e.actor) for e in expire_entries] == [(-300, 0, "sweeper")]
+    assert [(e.reserved_delta, e.spent_delta, e.actor) for e in expire_entries] == [
+        (-300, 0, "sweeper")
+    ]
 
     # A commit that arrives late reconciles: the real usage is charged, beyond no grant.
     late = await api.budget.Commit(
@@ -73,10 +83,14 @@ async def test_extend_refreshes_the_ttl(api: Stubs, clock: ManualClock) -> None:
     await create(api, "ttl:b", 1000)
     held = await api.budget.Reserve(pb.ReserveRequest(budget_id="ttl:b", amount=100, ttl_ms=5_000))
     clock.advance(seconds=4)
-    await api.budget.Extend(pb.ExtendRequest(reservation_id=held.reservation.id, amount=1, ttl_ms=5_000))
+    await api.budget.Extend(
+        pb.ExtendRequest(reservation_id=held.reservation.id, amount=1, ttl_ms=5_000)
+    )
     clock.advance(seconds=4)
     await asyncio.sleep(0.3)
-    assert (await _state_of(api, "ttl:b", held.reservation.id)).state == pb.RESERVATION_STATE_PENDING
+    assert (
+        await _state_of(api, "ttl:b", held.reservation.id)
+    ).state == pb.RESERVATION_STATE_PENDING
     clock.advance(seconds=2)
     await _wait_for_state(api, "ttl:b", held.reservation.id, pb.RESERVATION_STATE_EXPIRED)
     await assert_ledger_clean(api)
@@ -92,7 +106,9 @@ async def test_month_rolls_over_at_local_midnight_not_utc(api: Stubs, clock: Man
 
     spent = await api.budget.Reserve(pb.ReserveRequest(budget_id="month:ny", amount=600))
     await api.budget.Commit(pb.CommitRequest(reservation_id=spent.reservation.id, amount=500))
-    carried = await api.budget.Reserve(pb.ReserveRequest(budget_id="month:ny", amount=400, ttl_ms=86_400_000))
+    carried = await api.budget.Reserve(
+        pb.ReserveRequest(budget_id="month:ny", amount=400, ttl_ms=86_400_000)
+    )
 
     clock.set(_us(datetime(2027, 1, 31, 20, 0, tzinfo=NEW_YORK)))  # 01:00 UTC on Feb 1
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -110,7 +126,9 @@ async def test_month_rolls_over_at_local_midnight_not_utc(api: Stubs, clock: Man
     rollovers = [e for e in await all_entries(api, "month:ny") if e.kind == pb.ENTRY_KIND_ROLLOVER]
     assert [(e.amount, e.spent_delta) for e in rollovers] == [(500, -500)]
 
-    done = await api.budget.Commit(pb.CommitRequest(reservation_id=carried.reservation.id, amount=350))
+    done = await api.budget.Commit(
+        pb.CommitRequest(reservation_id=carried.reservation.id, amount=350)
+    )
     assert (done.budget.spent, done.budget.reserved) == (350, 600)  # charged to February
     await assert_ledger_clean(api)
 

@@ -55,7 +55,9 @@ class BudgetService(pb_grpc.BudgetServiceServicer):
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         budget_id = validation.budget_id(request.budget_id)
         amount, estimate = amount_or_estimate(
-            request.amount, request.estimate if request.HasField("estimate") else None, "reservation"
+            request.amount,
+            request.estimate if request.HasField("estimate") else None,
+            "reservation",
         )
         result = await self.ledger.reserve(
             ReserveOp(
@@ -123,7 +125,9 @@ class BudgetService(pb_grpc.BudgetServiceServicer):
         budget_id = validation.budget_id(request.budget_id)
         key = validation.idempotency_key(request.idempotency_key)
         if key is None:
-            raise InvalidArgument("idempotency_key is required: a replayed charge must not count twice")
+            raise InvalidArgument(
+                "idempotency_key is required: a replayed charge must not count twice"
+            )
         usage = usage_from_pb(request.usage) if request.HasField("usage") else None
         if usage is not None and request.amount:
             raise InvalidArgument("give either usage or amount to charge, not both")

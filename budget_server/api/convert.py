@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
@@ -19,7 +20,12 @@ PERIOD_NAMES = {
     pb.PERIOD_WEEK: "WEEK",
     pb.PERIOD_MONTH: "MONTH",
 }
-PERIOD_VALUES = {"NONE": pb.PERIOD_NONE, "DAY": pb.PERIOD_DAY, "WEEK": pb.PERIOD_WEEK, "MONTH": pb.PERIOD_MONTH}
+PERIOD_VALUES = {
+    "NONE": pb.PERIOD_NONE,
+    "DAY": pb.PERIOD_DAY,
+    "WEEK": pb.PERIOD_WEEK,
+    "MONTH": pb.PERIOD_MONTH,
+}
 MODE_NAMES = {pb.MODE_UNSPECIFIED: "HARD", pb.MODE_HARD: "HARD", pb.MODE_SOFT: "SOFT"}
 MODE_VALUES = {"HARD": pb.MODE_HARD, "SOFT": pb.MODE_SOFT}
 STATE_VALUES = {
@@ -42,7 +48,7 @@ KIND_VALUES = {
 KIND_NAMES = {v: k for k, v in KIND_VALUES.items()}
 
 
-def enum_name(table: dict[int, str], value: int, field: str) -> str:
+def enum_name(table: Mapping[Any, str], value: int, field: str) -> str:
     """The name for an enum value, or INVALID_ARGUMENT for one this server does not know."""
     try:
         return table[value]

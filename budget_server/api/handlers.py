@@ -56,7 +56,7 @@ def add_servicer(server: grpc.aio.Server, servicer: Any, service: ServiceDescrip
         request_cls: type[Message] = getattr(pb, method.input_type.name)
         response_cls: type[Message] = getattr(pb, method.output_type.name)
         factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = factory(  # type: ignore[operator]
+        handlers[method.name] = factory(
             getattr(servicer, method.name),
             request_deserializer=_tolerant_decoder(request_cls),
             response_serializer=response_cls.SerializeToString,

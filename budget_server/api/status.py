@@ -50,7 +50,9 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: LedgerError)
 
 
 def unary(
-    handler: Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]],
+    handler: Callable[
+        [Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]
+    ],
 ) -> Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]:
     """Map LedgerError to its status; anything else is a bug: logged, INTERNAL."""
 

@@ -123,6 +123,7 @@ def budgets_table(budgets: Sequence[pb.Budget]) -> str:
 
 def budget_fields(budget: pb.Budget) -> str:
     """One budget, every figure, for `show`, `create` and `update`."""
+
     def amount(value: int) -> str:
         return format_amount(value, budget.unit)
 
@@ -206,6 +207,7 @@ ENTRY_COLUMNS = (
 
 def entries_table(entries: Sequence[pb.LedgerEntry], unit: pb.Unit.ValueType) -> str:
     """SPENT, RESERVED and OVERAGE are the entry's changes to the budget's figures."""
+
     def delta(value: int) -> str:
         return format_amount(value, unit, signed=True) if value else "0"
 

@@ -70,7 +70,9 @@ def effective_view(state: BudgetState, now_us: int) -> BudgetView:
 
 def check_thresholds(thresholds: Sequence[int]) -> tuple[int, ...]:
     if len(thresholds) > THRESHOLDS_MAX:
-        raise InvalidArgument(f"{len(thresholds)} alert thresholds; the maximum is {THRESHOLDS_MAX}")
+        raise InvalidArgument(
+            f"{len(thresholds)} alert thresholds; the maximum is {THRESHOLDS_MAX}"
+        )
     for value in thresholds:
         if not 1 <= value <= 1000:
             raise InvalidArgument(f"alert threshold {value}% must be between 1 and 1000")
@@ -160,7 +162,9 @@ async def create_budget(db: Database, spec: BudgetSpec, now_us: int) -> BudgetVi
             await conn.execute(insert(budgets).values(values))
         except IntegrityError as exc:
             raise AlreadyExists(f"budget {spec.id!r} already exists") from exc
-        await conn.execute(insert(ledger_entries).values(_entry(spec.id, "LIMIT", spec.limit, now_us, "admin")))
+        await conn.execute(
+            insert(ledger_entries).values(_entry(spec.id, "LIMIT", spec.limit, now_us, "admin"))
+        )
         row = (await conn.execute(select(budgets).where(budgets.c.id == spec.id))).one()
     return budget_view(BudgetState.from_row(row))
 
@@ -198,7 +202,9 @@ async def update_budget(
         )
         if changes.limit is not None and changes.limit != before.limit:
             await conn.execute(
-                insert(ledger_entries).values(_entry(budget_id, "LIMIT", changes.limit, now_us, "admin"))
+                insert(ledger_entries).values(
+                    _entry(budget_id, "LIMIT", changes.limit, now_us, "admin")
+                )
             )
         after = BudgetState.from_row(
             (await conn.execute(select(budgets).where(budgets.c.id == budget_id))).one()
@@ -296,7 +302,13 @@ async def list_reservations(
 
 
 async def list_entries(
-    db: Database, budget_id: str, kind: str | None, since_us: int, until_us: int, size: int, token: str
+    db: Database,
+    budget_id: str,
+    kind: str | None,
+    since_us: int,
+    until_us: int,
+    size: int,
+    token: str,
 ) -> tuple[list[object], str]:
     size = page_size(size)
     if kind is not None and kind not in ENTRY_KINDS:

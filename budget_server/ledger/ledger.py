@@ -57,7 +57,9 @@ class Ledger:
                 ids.append(current)
                 current = row.parent_id
                 if len(ids) > CHAIN_DEPTH_MAX:
-                    raise NotFound(f"budget {budget_id!r} has a parent chain over {CHAIN_DEPTH_MAX}")
+                    raise NotFound(
+                        f"budget {budget_id!r} has a parent chain over {CHAIN_DEPTH_MAX}"
+                    )
         chain = tuple(reversed(ids))
         self._chains[budget_id] = chain
         return chain

@@ -135,7 +135,9 @@ class Op:
     """An operation queued on a budget's actor; the actor resolves `future`."""
 
     actor: str = "api"
-    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 @dataclass(slots=True, kw_only=True)

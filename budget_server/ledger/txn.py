@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from budget_server.db.schema import budgets, ledger_entries, reservation_holds, reservations
 from budget_server.errors import (
@@ -49,6 +50,9 @@ from budget_server.ledger.usage import ZERO_USAGE, Price, Usage, cost
 from budget_server.ledger.windows import window_bounds
 from budget_server.limits import AMOUNT_MAX
 
+# Operations on an existing reservation, which the batch loads before deciding.
+RESERVATION_OPS = (ExtendOp, CommitOp, ReleaseOp, ExpireOp, RecordUsageOp)
+
 
 class ConcurrentWrite(Exception):
     """A budget row changed under us (another process): the batch must be retried."""
@@ -59,9 +63,11 @@ def new_reservation_id() -> str:
 
 
 def budget_view(state: BudgetState) -> BudgetView:
-    _, end_us = window_bounds(state.period, state.time_zone, state.window_start_us) if (
-        state.window_start_us
-    ) else (0, 0)
+    _, end_us = (
+        window_bounds(state.period, state.time_zone, state.window_start_us)
+        if (state.window_start_us)
+        else (0, 0)
+    )
     return BudgetView(
         id=state.id,
         parent_id=state.parent_id,
@@ -181,17 +187,13 @@ class ChainBatch:
         self.by_id = {b.id: b for b in self.chain}
         roll_windows(self.chain, self.now_us, self.entries)
 
-        ids = [
-            str(getattr(op, "reservation_id"))
-            for op in ops
-            if not isinstance(op, ReserveOp | ChargeOp)
-        ]
+        ids = [op.reservation_id for op in ops if isinstance(op, RESERVATION_OPS)]
         keys = [
             op.idempotency_key
             for op in ops
             if isinstance(op, ReserveOp | ChargeOp) and op.idempotency_key
         ]
-        conditions = []
+        conditions: list[ColumnElement[bool]] = []
         if ids:
             conditions.append(reservations.c.id.in_(ids))
         if keys:
@@ -276,9 +278,7 @@ class ChainBatch:
     ) -> dict[str, int]:
         """What an amount or a usage estimate means in each budget's own unit."""
         if estimate is not None:
-            return {
-                b.id: cost(b.unit, estimate, self.prices.get(model), model) for b in self.chain
-            }
+            return {b.id: cost(b.unit, estimate, self.prices.get(model), model) for b in self.chain}
         units = {b.unit for b in self.chain}
         if len(units) > 1:
             raise InvalidArgument(
@@ -373,7 +373,11 @@ class ChainBatch:
         )
         self._remember(res)
         commit = CommitOp(
-            reservation_id=res.id, usage=op.usage, amount=op.amount, actor=op.actor, future=op.future
+            reservation_id=res.id,
+            usage=op.usage,
+            amount=op.amount,
+            actor=op.actor,
+            future=op.future,
         )
         return self._finish(res.id, commit, "COMMIT")
 
@@ -391,9 +395,8 @@ class ChainBatch:
         res = self._pending(op.reservation_id, "extend")
         if res.expires_at_us <= self.now_us:
             raise FailedPrecondition(f"cannot extend reservation {res.id!r}: it has expired")
-        if op.usage is not None:
-            if not op.usage.covers(res.usage):
-                raise InvalidArgument("usage is cumulative and cannot go backwards")
+        if op.usage is not None and not op.usage.covers(res.usage):
+            raise InvalidArgument("usage is cumulative and cannot go backwards")
         if op.grant_target is not None:
             amounts = self._grow_grant(res, op.grant_target, op.output_floor)
         else:

@@ -91,7 +91,9 @@ class MeterSession:
         prompt = validation.amount(
             message.prompt_tokens_estimate, "prompt_tokens_estimate", allow_zero=True
         )
-        max_output = validation.amount(message.max_output_tokens, "max_output_tokens", allow_zero=True)
+        max_output = validation.amount(
+            message.max_output_tokens, "max_output_tokens", allow_zero=True
+        )
         self.max_output_tokens = max_output
         initial = self._policy.initial_output_tokens
         high = min(initial, max_output) if max_output else initial
@@ -158,7 +160,9 @@ class MeterSession:
             else:
                 self._extension = asyncio.create_task(self._extend())
             return
-        near = self.usage.output_tokens * 100 >= self.grant.output_tokens * self._policy.refill_at_pct
+        near = (
+            self.usage.output_tokens * 100 >= self.grant.output_tokens * self._policy.refill_at_pct
+        )
         if near and not self._capped_by and not self._output_complete():
             self._extension = asyncio.create_task(self._extend())
 
@@ -211,7 +215,9 @@ class MeterSession:
                 self._capped_by = self._tightest(result)
             if grown and self.state == "open":
                 self._send(
-                    pb.MeterEvent(granted=pb.MeterGranted(granted_output_tokens=self.grant.output_tokens))
+                    pb.MeterEvent(
+                        granted=pb.MeterGranted(granted_output_tokens=self.grant.output_tokens)
+                    )
                 )
         self._extension = None
         if self.state == "open":
@@ -223,7 +229,7 @@ class MeterSession:
         hard = [b for b in result.chain if b.mode == "HARD"] or list(result.chain)
         return min(hard, key=lambda b: b.available).id
 
-    def _abort(self, reason: int, budget_id: str, message: str = "") -> None:
+    def _abort(self, reason: pb.AbortReason.ValueType, budget_id: str, message: str = "") -> None:
         self.state = "aborted"
         text = message or f"budget {budget_id!r} is exhausted"
         log.info(
@@ -236,9 +242,13 @@ class MeterSession:
                 "granted_output_tokens": self.grant.output_tokens,
             },
         )
-        self._send(pb.MeterEvent(abort=pb.MeterAbort(reason=reason, budget_id=budget_id, message=text)))
+        self._send(
+            pb.MeterEvent(abort=pb.MeterAbort(reason=reason, budget_id=budget_id, message=text))
+        )
 
-    def abort_externally(self, reason: int, budget_id: str, message: str) -> None:
+    def abort_externally(
+        self, reason: pb.AbortReason.ValueType, budget_id: str, message: str
+    ) -> None:
         """Freeze or a lowered limit: abort a live stream from outside its own messages."""
         if self.state == "open":
             self._abort(reason, budget_id, message)
@@ -258,9 +268,7 @@ class MeterSession:
                 await self._extension
         self._stop_heartbeat()
         result = await self._ledger.commit(
-            CommitOp(
-                reservation_id=self.reservation_id, usage=final_usage, amount=0, actor="meter"
-            )
+            CommitOp(reservation_id=self.reservation_id, usage=final_usage, amount=0, actor="meter")
         )
         self.state = "finished"
         return pb.MeterCommitted(
@@ -291,7 +299,9 @@ class MeterSession:
         except (FailedPrecondition, NotFound):
             pass  # finished meanwhile, e.g. resumed and committed through another stream
         except LedgerError as error:
-            log.warning("could not persist usage of broken stream %s: %s", self.reservation_id, error)
+            log.warning(
+                "could not persist usage of broken stream %s: %s", self.reservation_id, error
+            )
 
     # ------------------------------------------------------------------ heartbeat
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -147,7 +146,6 @@ def upgrade() -> None:
         batch_op.create_index(
             batch_op.f("ix_reservation_holds_budget_id"), ["budget_id"], unique=False
         )
-
 
 
 def downgrade() -> None:

@@ -17,7 +17,9 @@ from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
 
 
-async def storm(addresses: list[str], budget_ids: list[str], count: int, size_max: int, seed: int) -> dict[str, object]:
+async def storm(
+    addresses: list[str], budget_ids: list[str], count: int, size_max: int, seed: int
+) -> dict[str, object]:
     rng = random.Random(seed)
     channels = [grpc.aio.insecure_channel(a) for a in addresses]
     stubs = [pb_grpc.BudgetServiceStub(c) for c in channels]
@@ -55,7 +57,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     result = asyncio.run(
-        storm(args.address.split(","), args.budgets.split(","), args.count, args.size_max, args.seed)
+        storm(
+            args.address.split(","), args.budgets.split(","), args.count, args.size_max, args.seed
+        )
     )
     print(json.dumps(result))
 

@@ -31,7 +31,9 @@ class Stubs:
 @asynccontextmanager
 async def stubs(address: str) -> AsyncIterator[Stubs]:
     async with grpc.aio.insecure_channel(address) as channel:
-        yield Stubs(address, channel, pb_grpc.BudgetServiceStub(channel), pb_grpc.AdminServiceStub(channel))
+        yield Stubs(
+            address, channel, pb_grpc.BudgetServiceStub(channel), pb_grpc.AdminServiceStub(channel)
+        )
 
 
 @dataclass
@@ -88,7 +90,9 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 
 
 @asynccontextmanager
-async def server_processes(db_url: str, count: int, *extra_args: str) -> AsyncIterator[list[ServerProcess]]:
+async def server_processes(
+    db_url: str, count: int, *extra_args: str
+) -> AsyncIterator[list[ServerProcess]]:
     servers: list[ServerProcess] = []
     try:
         for _ in range(count):  # one at a time: each runs the migrations on start

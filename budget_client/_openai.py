@@ -1,0 +1,395 @@
+"""`wrap_openai`: meter `chat.completions.create` of openai.AsyncOpenAI / openai.OpenAI.
+
+    client = wrap_openai(openai.AsyncOpenAI(), budgets)
+    stream = await client.chat.completions.create(model=..., messages=..., stream=True,
+                                                  budget="team:search")
+
+The prompt is counted and reserved before the request is sent (a refused budget raises
+BudgetExceeded and nothing is sent). Streamed output is counted chunk by chunk; on abort
+the upstream HTTP stream is closed explicitly — a `break` alone would leave the provider
+generating, and billing, to the end — and BudgetExceeded is raised with the partial text.
+`stream_options.include_usage` is requested so the provider's own final usage is what gets
+committed; its extra usage-only chunk is hidden from apps that did not ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
+
+from budget_client._client import BudgetClient
+from budget_client._meter import Meter
+from budget_client._sync import SyncBudgetClient, SyncMeter
+from budget_client._tokenizer import count_chat_prompt_tokens
+from budget_client._types import Usage
+
+log = logging.getLogger("budget_client.openai")
+
+ClientT = TypeVar("ClientT")
+
+
+class _Counts(Protocol):
+    def add_output_text(self, text: str, choice: int = 0) -> None: ...
+    def add_tool_call(
+        self, index: int, name: str | None, arguments: str | None, choice: int = 0
+    ) -> None: ...
+    def set_provider_usage(self, usage: Usage) -> None: ...
+
+
+def _given(value: object) -> bool:
+    """The SDK marks absent arguments with NOT_GIVEN / omit sentinels."""
+    return value is not None and type(value).__name__ not in ("NotGiven", "Omit")
+
+
+def provider_usage(usage: Any) -> Usage:
+    """The SDK's CompletionUsage as budgetd Usage (cached and reasoning details included)."""
+    prompt_details = getattr(usage, "prompt_tokens_details", None)
+    completion_details = getattr(usage, "completion_tokens_details", None)
+    return Usage(
+        input_tokens=usage.prompt_tokens or 0,
+        cached_input_tokens=getattr(prompt_details, "cached_tokens", 0) or 0,
+        output_tokens=usage.completion_tokens or 0,
+        reasoning_tokens=getattr(completion_details, "reasoning_tokens", 0) or 0,
+    )
+
+
+def count_chunk(meter: _Counts, chunk: Any) -> None:
+    """Count one ChatCompletionChunk: content, refusals and tool calls are all output."""
+    for choice in chunk.choices or ():
+        delta = choice.delta
+        if delta is None:
+            continue
+        if delta.content:
+            meter.add_output_text(delta.content, choice.index)
+        refusal = getattr(delta, "refusal", None)
+        if refusal:
+            meter.add_output_text(refusal, choice.index)
+        for call in getattr(delta, "tool_calls", None) or ():
+            function = call.function
+            if function is not None:
+                meter.add_tool_call(call.index, function.name, function.arguments, choice.index)
+    if getattr(chunk, "usage", None) is not None:
+        meter.set_provider_usage(provider_usage(chunk.usage))
+
+
+def count_completion(meter: _Counts, completion: Any) -> None:
+    """A non-streamed ChatCompletion: its usage when present, else count its output."""
+    if completion.usage is not None:
+        meter.set_provider_usage(provider_usage(completion.usage))
+        return
+    for choice in completion.choices:
+        message = choice.message
+        if message.content:
+            meter.add_output_text(message.content, choice.index)
+        for call in message.tool_calls or ():
+            function = getattr(call, "function", None)
+            if function is not None:
+                meter.add_tool_call(0, function.name, function.arguments, choice.index)
+
+
+class _RequestPlan:
+    """What budgetd needs from the request's arguments, and the arguments to send."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.model = str(kwargs.get("model", ""))
+        self.stream = bool(kwargs.get("stream")) and _given(kwargs.get("stream"))
+        tools = kwargs.get("tools")
+        self.prompt_tokens = count_chat_prompt_tokens(
+            kwargs.get("messages") or [], self.model, tools if _given(tools) else None
+        )
+        self.max_output_tokens = 0
+        for name in ("max_completion_tokens", "max_tokens"):
+            value = kwargs.get(name)
+            if _given(value) and isinstance(value, int):
+                self.max_output_tokens = value
+                break
+        self.kwargs = dict(kwargs)
+        self.hide_usage_chunk = False
+        if self.stream:
+            options = kwargs.get("stream_options")
+            options = dict(options) if _given(options) and options else {}
+            self.hide_usage_chunk = not options.get("include_usage", False)
+            options["include_usage"] = True
+            self.kwargs["stream_options"] = options
+
+
+def _shutdown_socket(response: Any) -> None:
+    """Shut the connection's socket so a read blocked in another thread returns now.
+
+    Closing an httpx response from another thread does not wake a blocked read until the
+    next byte arrives (seconds, on a slow model); shutting the socket down does.
+    """
+    stream = getattr(response, "extensions", {}).get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+# ----------------------------------------------------------------------------- async
+
+
+class MeteredAsyncStream:
+    """An openai AsyncStream that is counted, and cut off when the budget is gone."""
+
+    def __init__(self, stream: Any, meter: Meter, hide_usage_chunk: bool) -> None:
+        self._stream = stream
+        self.meter = meter
+        self._hide_usage_chunk = hide_usage_chunk
+        self._aborted = asyncio.Event()
+        meter.on_abort(lambda _error: self._aborted.set())
+
+    @property
+    def response(self) -> Any:
+        return self._stream.response
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def __aenter__(self) -> MeteredAsyncStream:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the upstream connection and commit what was used."""
+        await self._stream.close()
+        await self.meter.finish()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        upstream = self._stream.__aiter__()
+        abort_wait = asyncio.ensure_future(self._aborted.wait())
+        try:
+            while True:
+                step = asyncio.ensure_future(upstream.__anext__())
+                done, _ = await asyncio.wait(
+                    (step, abort_wait), return_when=asyncio.FIRST_COMPLETED
+                )
+                if step not in done:
+                    # Cancelling the read drops the connection; close() makes sure of it.
+                    step.cancel()
+                    with contextlib.suppress(BaseException):
+                        await step
+                    await self._stream.close()
+                    await self.meter.finish()
+                    assert self.meter.aborted is not None
+                    raise self.meter.aborted
+                try:
+                    chunk = step.result()
+                except StopAsyncIteration:
+                    break
+                count_chunk(self.meter, chunk)
+                if self._hide_usage_chunk and not chunk.choices:
+                    continue
+                yield chunk
+        finally:
+            abort_wait.cancel()
+            if self.meter.committed is None:
+                await self._stream.close()
+                await self.meter.finish()
+
+
+class _AsyncCompletions:
+    def __init__(
+        self, completions: Any, budgets: BudgetClient, budget: str | None, labels: Mapping[str, str]
+    ) -> None:
+        self._completions = completions
+        self._budgets = budgets
+        self._budget = budget
+        self._labels = dict(labels)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._completions, name)
+
+    async def create(
+        self,
+        *args: Any,
+        budget: str | None = None,
+        budget_labels: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        budget_id = budget or self._budget
+        if budget_id is None:
+            return await self._completions.create(*args, **kwargs)
+        plan = _RequestPlan(kwargs)
+        meter = self._budgets.meter(
+            budget_id,
+            model=plan.model,
+            prompt_tokens=plan.prompt_tokens,
+            max_output_tokens=plan.max_output_tokens,
+            labels={**self._labels, **(budget_labels or {})},
+        )
+        await meter.open()
+        try:
+            result = await self._completions.create(*args, **plan.kwargs)
+        except BaseException:
+            meter.set_provider_usage(Usage())  # the provider refused: nothing was generated
+            await meter.finish()
+            raise
+        if plan.stream:
+            return MeteredAsyncStream(result, meter, plan.hide_usage_chunk)
+        count_completion(meter, result)
+        await meter.finish()
+        return result
+
+
+# ----------------------------------------------------------------------------- sync
+
+
+class MeteredStream:
+    """An openai Stream (sync) that is counted, and cut off when the budget is gone."""
+
+    def __init__(self, stream: Any, meter: SyncMeter, hide_usage_chunk: bool) -> None:
+        self._stream = stream
+        self.meter = meter
+        self._hide_usage_chunk = hide_usage_chunk
+        response = stream.response
+        meter.on_abort(lambda _error: _shutdown_socket(response))
+
+    @property
+    def response(self) -> Any:
+        return self._stream.response
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterate()
+
+    def __enter__(self) -> MeteredStream:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stream.close()
+        self.meter.finish()
+
+    def _iterate(self) -> Iterator[Any]:
+        finished = False
+        try:
+            try:
+                for chunk in self._stream:
+                    count_chunk(self.meter, chunk)
+                    if self.meter.aborted is not None:
+                        break
+                    if self._hide_usage_chunk and not chunk.choices:
+                        continue
+                    yield chunk
+            except Exception:
+                if self.meter.aborted is None:
+                    raise  # a real upstream failure, not our shutdown of the socket
+            self._stream.close()
+            self.meter.finish()
+            finished = True
+            self.meter.raise_if_aborted()
+        finally:
+            if not finished:
+                self._stream.close()
+                self.meter.finish()
+
+
+class _Completions:
+    def __init__(
+        self,
+        completions: Any,
+        budgets: SyncBudgetClient,
+        budget: str | None,
+        labels: Mapping[str, str],
+    ) -> None:
+        self._completions = completions
+        self._budgets = budgets
+        self._budget = budget
+        self._labels = dict(labels)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._completions, name)
+
+    def create(
+        self,
+        *args: Any,
+        budget: str | None = None,
+        budget_labels: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        budget_id = budget or self._budget
+        if budget_id is None:
+            return self._completions.create(*args, **kwargs)
+        plan = _RequestPlan(kwargs)
+        meter = self._budgets.meter(
+            budget_id,
+            model=plan.model,
+            prompt_tokens=plan.prompt_tokens,
+            max_output_tokens=plan.max_output_tokens,
+            labels={**self._labels, **(budget_labels or {})},
+        )
+        meter.open()
+        try:
+            result = self._completions.create(*args, **plan.kwargs)
+        except BaseException:
+            meter.set_provider_usage(Usage())
+            meter.finish()
+            raise
+        if plan.stream:
+            return MeteredStream(result, meter, plan.hide_usage_chunk)
+        count_completion(meter, result)
+        meter.finish()
+        return result
+
+
+# ----------------------------------------------------------------------------- proxies
+
+
+class _Proxy:
+    """Delegates everything to the wrapped object except the attributes it overrides."""
+
+    def __init__(self, target: Any, **overrides: Any) -> None:
+        self._target = target
+        self._overrides = overrides
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._target, name)
+
+
+def wrap_openai(
+    client: ClientT,
+    budgets: BudgetClient | SyncBudgetClient | None = None,
+    *,
+    budget: str | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> ClientT:
+    """Meter `chat.completions.create` of an openai client.
+
+    `budget` is the default budget id; a call's own `budget=` argument overrides it, and a
+    call with neither is passed through unmetered. `budgets` defaults to a client
+    configured from BUDGETD_* environment variables.
+    """
+    import openai
+
+    chat_resource: Any = getattr(client, "chat", None)
+    if isinstance(client, openai.AsyncOpenAI):
+        async_budgets = budgets if isinstance(budgets, BudgetClient) else None
+        if budgets is not None and async_budgets is None:
+            raise TypeError("an AsyncOpenAI client needs an async BudgetClient")
+        completions: Any = _AsyncCompletions(
+            chat_resource.completions, async_budgets or BudgetClient(), budget, labels or {}
+        )
+    elif isinstance(client, openai.OpenAI):
+        sync_budgets = budgets if isinstance(budgets, SyncBudgetClient) else None
+        if budgets is not None and sync_budgets is None:
+            raise TypeError("an OpenAI (sync) client needs a SyncBudgetClient")
+        completions = _Completions(
+            chat_resource.completions, sync_budgets or SyncBudgetClient(), budget, labels or {}
+        )
+    else:
+        raise TypeError(
+            f"wrap_openai expects openai.OpenAI or openai.AsyncOpenAI, not {type(client)!r}"
+        )
+    chat = _Proxy(chat_resource, completions=completions)
+    proxy: Any = _Proxy(client, chat=chat)
+    return proxy  # type: ignore[no-any-return]
