@@ -202,3 +202,26 @@ async def test_bad_admin_queries(api: Stubs) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await api.admin.GetBudget(pb.GetBudgetRequest(budget_id="missing"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_listing_an_unknown_budget_is_not_found(api: Stubs) -> None:
+    calls = [
+        api.admin.ListReservations(pb.ListReservationsRequest(budget_id="typo")),
+        api.admin.ListLedgerEntries(pb.ListLedgerEntriesRequest(budget_id="typo")),
+        api.admin.VerifyLedger(pb.VerifyLedgerRequest(budget_id="typo")),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_update_with_an_unspecified_mode_is_refused(api: Stubs) -> None:
+    await create(api, "soft:keep", 10, mode=pb.MODE_SOFT)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.admin.UpdateBudget(
+            pb.UpdateBudgetRequest(id="soft:keep", mode=pb.MODE_UNSPECIFIED)
+        )
+    assert caught.value.code() == INVALID
+    budget = (await api.admin.GetBudget(pb.GetBudgetRequest(budget_id="soft:keep"))).budget
+    assert budget.mode == pb.MODE_SOFT

@@ -26,6 +26,9 @@ from budget_server.ledger.ledger import Ledger
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+# On create, an unset mode means HARD; on update, setting MODE_UNSPECIFIED is a mistake.
+UPDATE_MODE_NAMES = {k: v for k, v in MODE_NAMES.items() if k != pb.MODE_UNSPECIFIED}
+
 
 class AdminService(pb_grpc.AdminServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
@@ -59,7 +62,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
     ) -> pb.UpdateBudgetResponse:
         changes = admin.BudgetChanges(
             limit=request.limit if request.HasField("limit") else None,
-            mode=enum_name(MODE_NAMES, request.mode, "mode") if request.HasField("mode") else None,
+            mode=enum_name(UPDATE_MODE_NAMES, request.mode, "mode")
+            if request.HasField("mode")
+            else None,
             thresholds_pct=tuple(request.alert_thresholds_pct)
             if request.set_alert_thresholds
             else None,

@@ -107,6 +107,13 @@ async def _locked_budget(conn: AsyncConnection, db: Database, budget_id: str) ->
     return BudgetState.from_row(row)
 
 
+async def _require_budget(conn: AsyncConnection, budget_id: str) -> None:
+    """Listing an unknown budget is NOT_FOUND, not an empty page that hides a typo."""
+    row = (await conn.execute(select(budgets.c.id).where(budgets.c.id == budget_id))).first()
+    if row is None:
+        raise NotFound(f"budget {budget_id!r} does not exist")
+
+
 def _entry(budget_id: str, kind: str, amount: int, now_us: int, actor: str) -> dict[str, object]:
     return {
         "budget_id": budget_id,
@@ -293,6 +300,8 @@ async def list_reservations(
             | ((reservations.c.created_at_us == created) & (reservations.c.id > last_id))
         )
     async with db.read() as conn:
+        if budget_id:
+            await _require_budget(conn, budget_id)
         rows = list((await conn.execute(query)).all())
     next_token = ""
     if len(rows) > size:
@@ -330,6 +339,8 @@ async def list_entries(
             raise InvalidArgument("page_token is not one this server issued")
         query = query.where(ledger_entries.c.id > int(last))
     async with db.read() as conn:
+        if budget_id:
+            await _require_budget(conn, budget_id)
         rows = list((await conn.execute(query)).all())
     next_token = _encode_token(str(rows[size - 1].id)) if len(rows) > size else ""
     return list(rows[:size]), next_token

@@ -1425,7 +1425,7 @@ class ListLedgerEntriesRequest(_message.Message):
     since_us: _builtins.int
     """inclusive; 0 = beginning"""
     until_us: _builtins.int
-    """exclusive; 0 = now"""
+    """exclusive; 0 = no upper bound"""
     page_size: _builtins.int
     page_token: _builtins.str
     def __init__(
