@@ -53,6 +53,11 @@ budgets = Table(
     Column("reserved", BigInteger, nullable=False),
     Column("overage", BigInteger, nullable=False),
     Column("window_start_us", BigInteger, nullable=False),  # 0 for PERIOD NONE
+    # The highest alert threshold already fired in this window: an alert fires once per
+    # window, decided under the same row lock as the charge that crossed it.
+    Column("alerted_pct", SmallInteger, nullable=False, server_default="0"),
+    # Deleted budgets keep their rows: the ledger is append-only and its entries refer to them.
+    Column("deleted_at_us", BigInteger, nullable=False, server_default="0"),
     Column("created_at_us", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
     Index(None, "parent_id"),
@@ -134,4 +139,49 @@ prices = Table(
     Column("output_nanousd_per_mtok", BigInteger, nullable=False),
     Column("source", String(256), nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
+)
+
+# Every alert that fired; the unique constraint is the last word on "once per window".
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("event_id", String(40), primary_key=True),
+    Column("budget_id", String(ID_LENGTH_MAX), ForeignKey("budgets.id"), nullable=False),
+    Column("window_start_us", BigInteger, nullable=False),
+    Column("threshold_pct", SmallInteger, nullable=False),
+    Column("spent", BigInteger, nullable=False),
+    Column("limit_amount", BigInteger, nullable=False),
+    Column("fired_at_us", BigInteger, nullable=False),
+    UniqueConstraint("budget_id", "window_start_us", "threshold_pct"),
+)
+
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("url", String(2048), nullable=False),
+    Column("secret", String(256), nullable=False),  # HMAC key; needed in clear to sign
+    Column("budget_prefix", String(ID_LENGTH_MAX), nullable=False),
+    Column("kinds", String(512), nullable=False),  # comma-separated BudgetEventKind names
+    Column("created_at_us", BigInteger, nullable=False),
+)
+
+# The durable outbox: a webhook event is written in the same transaction as what caused it,
+# and delivered (with retries) from here, so a restart loses nothing and a retry sends the
+# same event id again instead of a second event.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", _BIGINT_PK, primary_key=True, autoincrement=True),
+    Column("webhook_id", String(40), nullable=False),
+    Column("event_id", String(40), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_us", BigInteger, nullable=False),
+    Column("delivered_at_us", BigInteger, nullable=False),  # 0 until delivered
+    Column("failed", Boolean, nullable=False),  # gave up after the last attempt
+    Column("last_error", Text, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    UniqueConstraint("webhook_id", "event_id"),
+    Index(None, "delivered_at_us", "failed", "next_attempt_us"),
 )

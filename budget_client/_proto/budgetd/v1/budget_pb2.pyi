@@ -163,6 +163,68 @@ ABORT_REASON_LIMIT_LOWERED: AbortReason.ValueType  # 3
 ABORT_REASON_EXPIRED: AbortReason.ValueType  # 4
 Global___AbortReason: _TypeAlias = AbortReason  # noqa: Y015
 
+class _ReportGroup:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReportGroupEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReportGroup.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPORT_GROUP_UNSPECIFIED: _ReportGroup.ValueType  # 0
+    REPORT_GROUP_BUDGET: _ReportGroup.ValueType  # 1
+    REPORT_GROUP_MODEL: _ReportGroup.ValueType  # 2
+    REPORT_GROUP_LABEL: _ReportGroup.ValueType  # 3
+    """by the value of label_key"""
+    REPORT_GROUP_DAY: _ReportGroup.ValueType  # 4
+    """UTC calendar day of the charge"""
+
+class ReportGroup(_ReportGroup, metaclass=_ReportGroupEnumTypeWrapper):
+    """---------------------------------------------------------------- reports"""
+
+REPORT_GROUP_UNSPECIFIED: ReportGroup.ValueType  # 0
+REPORT_GROUP_BUDGET: ReportGroup.ValueType  # 1
+REPORT_GROUP_MODEL: ReportGroup.ValueType  # 2
+REPORT_GROUP_LABEL: ReportGroup.ValueType  # 3
+"""by the value of label_key"""
+REPORT_GROUP_DAY: ReportGroup.ValueType  # 4
+"""UTC calendar day of the charge"""
+Global___ReportGroup: _TypeAlias = ReportGroup  # noqa: Y015
+
+class _BudgetEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_EVENT_KIND_UNSPECIFIED: _BudgetEventKind.ValueType  # 0
+    BUDGET_EVENT_KIND_RESERVED: _BudgetEventKind.ValueType  # 1
+    BUDGET_EVENT_KIND_COMMITTED: _BudgetEventKind.ValueType  # 2
+    BUDGET_EVENT_KIND_RELEASED: _BudgetEventKind.ValueType  # 3
+    BUDGET_EVENT_KIND_EXPIRED: _BudgetEventKind.ValueType  # 4
+    BUDGET_EVENT_KIND_REFUSED: _BudgetEventKind.ValueType  # 5
+    BUDGET_EVENT_KIND_ABORTED: _BudgetEventKind.ValueType  # 6
+    BUDGET_EVENT_KIND_ALERT: _BudgetEventKind.ValueType  # 7
+    BUDGET_EVENT_KIND_LIMIT_CHANGED: _BudgetEventKind.ValueType  # 8
+    BUDGET_EVENT_KIND_FROZEN: _BudgetEventKind.ValueType  # 9
+    BUDGET_EVENT_KIND_UNFROZEN: _BudgetEventKind.ValueType  # 10
+    BUDGET_EVENT_KIND_DELETED: _BudgetEventKind.ValueType  # 11
+
+class BudgetEventKind(_BudgetEventKind, metaclass=_BudgetEventKindEnumTypeWrapper):
+    """---------------------------------------------------------------- events"""
+
+BUDGET_EVENT_KIND_UNSPECIFIED: BudgetEventKind.ValueType  # 0
+BUDGET_EVENT_KIND_RESERVED: BudgetEventKind.ValueType  # 1
+BUDGET_EVENT_KIND_COMMITTED: BudgetEventKind.ValueType  # 2
+BUDGET_EVENT_KIND_RELEASED: BudgetEventKind.ValueType  # 3
+BUDGET_EVENT_KIND_EXPIRED: BudgetEventKind.ValueType  # 4
+BUDGET_EVENT_KIND_REFUSED: BudgetEventKind.ValueType  # 5
+BUDGET_EVENT_KIND_ABORTED: BudgetEventKind.ValueType  # 6
+BUDGET_EVENT_KIND_ALERT: BudgetEventKind.ValueType  # 7
+BUDGET_EVENT_KIND_LIMIT_CHANGED: BudgetEventKind.ValueType  # 8
+BUDGET_EVENT_KIND_FROZEN: BudgetEventKind.ValueType  # 9
+BUDGET_EVENT_KIND_UNFROZEN: BudgetEventKind.ValueType  # 10
+BUDGET_EVENT_KIND_DELETED: BudgetEventKind.ValueType  # 11
+Global___BudgetEventKind: _TypeAlias = BudgetEventKind  # noqa: Y015
+
 @_typing.final
 class Usage(_message.Message):
     """---------------------------------------------------------------- values
@@ -1548,3 +1610,709 @@ class VerifyLedgerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyLedgerResponse: _TypeAlias = VerifyLedgerResponse  # noqa: Y015
+
+@_typing.final
+class FreezeBudgetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    """shown in the abort sent to open streams"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeBudgetRequest: _TypeAlias = FreezeBudgetRequest  # noqa: Y015
+
+@_typing.final
+class UnfreezeBudgetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnfreezeBudgetRequest: _TypeAlias = UnfreezeBudgetRequest  # noqa: Y015
+
+@_typing.final
+class DeleteBudgetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteBudgetRequest: _TypeAlias = DeleteBudgetRequest  # noqa: Y015
+
+@_typing.final
+class DeleteBudgetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteBudgetResponse: _TypeAlias = DeleteBudgetResponse  # noqa: Y015
+
+@_typing.final
+class UsageReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_PREFIX_FIELD_NUMBER: _builtins.int
+    SINCE_US_FIELD_NUMBER: _builtins.int
+    UNTIL_US_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    LABEL_KEY_FIELD_NUMBER: _builtins.int
+    budget_prefix: _builtins.str
+    """empty = all budgets"""
+    since_us: _builtins.int
+    """inclusive; 0 = beginning"""
+    until_us: _builtins.int
+    """exclusive; 0 = no upper bound"""
+    label_key: _builtins.str
+    """required with REPORT_GROUP_LABEL"""
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[Global___ReportGroup.ValueType]:
+        """default: budget"""
+
+    def __init__(
+        self,
+        *,
+        budget_prefix: _builtins.str = ...,
+        since_us: _builtins.int = ...,
+        until_us: _builtins.int = ...,
+        group_by: _abc.Iterable[Global___ReportGroup.ValueType] | None = ...,
+        label_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_prefix", b"budget_prefix", "group_by", b"group_by", "label_key", b"label_key", "since_us", b"since_us", "until_us", b"until_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageReportRequest: _TypeAlias = UsageReportRequest  # noqa: Y015
+
+@_typing.final
+class UsageReportRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    LABEL_VALUE_FIELD_NUMBER: _builtins.int
+    DAY_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    CHARGED_FIELD_NUMBER: _builtins.int
+    OVERAGE_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    budget_id: _builtins.str
+    """set when grouped by budget"""
+    model: _builtins.str
+    """set when grouped by model"""
+    label_value: _builtins.str
+    """set when grouped by label"""
+    day: _builtins.str
+    """YYYY-MM-DD, set when grouped by day"""
+    unit: Global___Unit.ValueType
+    charged: _builtins.int
+    """in unit"""
+    overage: _builtins.int
+    calls: _builtins.int
+    """charges counted"""
+    @_builtins.property
+    def usage(self) -> Global___Usage: ...
+    def __init__(
+        self,
+        *,
+        budget_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        label_value: _builtins.str = ...,
+        day: _builtins.str = ...,
+        unit: Global___Unit.ValueType = ...,
+        charged: _builtins.int = ...,
+        overage: _builtins.int = ...,
+        usage: Global___Usage | None = ...,
+        calls: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "calls", b"calls", "charged", b"charged", "day", b"day", "label_value", b"label_value", "model", b"model", "overage", b"overage", "unit", b"unit", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageReportRow: _TypeAlias = UsageReportRow  # noqa: Y015
+
+@_typing.final
+class UsageReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageReportRow]: ...
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___UsageReportRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageReportResponse: _TypeAlias = UsageReportResponse  # noqa: Y015
+
+@_typing.final
+class BudgetEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    AT_US_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    THRESHOLD_PCT_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """stable across deliveries: de-duplicate on it"""
+    kind: Global___BudgetEventKind.ValueType
+    budget_id: _builtins.str
+    at_us: _builtins.int
+    reservation_id: _builtins.str
+    amount: _builtins.int
+    """granted / charged / new limit, in the budget's unit"""
+    threshold_pct: _builtins.int
+    """alerts"""
+    spent: _builtins.int
+    limit: _builtins.int
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: Global___BudgetEventKind.ValueType = ...,
+        budget_id: _builtins.str = ...,
+        at_us: _builtins.int = ...,
+        reservation_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        threshold_pct: _builtins.int = ...,
+        spent: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "at_us", b"at_us", "budget_id", b"budget_id", "id", b"id", "kind", b"kind", "limit", b"limit", "message", b"message", "reservation_id", b"reservation_id", "spent", b"spent", "threshold_pct", b"threshold_pct"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetEvent: _TypeAlias = BudgetEvent  # noqa: Y015
+
+@_typing.final
+class WatchBudgetsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFIX_FIELD_NUMBER: _builtins.int
+    prefix: _builtins.str
+    """budgets whose id starts with this; empty = all"""
+    def __init__(
+        self,
+        *,
+        prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefix", b"prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchBudgetsRequest: _TypeAlias = WatchBudgetsRequest  # noqa: Y015
+
+@_typing.final
+class Alert(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLD_PCT_FIELD_NUMBER: _builtins.int
+    WINDOW_START_US_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    FIRED_AT_US_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    budget_id: _builtins.str
+    threshold_pct: _builtins.int
+    window_start_us: _builtins.int
+    spent: _builtins.int
+    limit: _builtins.int
+    fired_at_us: _builtins.int
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        budget_id: _builtins.str = ...,
+        threshold_pct: _builtins.int = ...,
+        window_start_us: _builtins.int = ...,
+        spent: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        fired_at_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "event_id", b"event_id", "fired_at_us", b"fired_at_us", "limit", b"limit", "spent", b"spent", "threshold_pct", b"threshold_pct", "window_start_us", b"window_start_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alert: _TypeAlias = Alert  # noqa: Y015
+
+@_typing.final
+class ListAlertsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    budget_id: _builtins.str
+    """empty = all"""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        budget_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsRequest: _TypeAlias = ListAlertsRequest  # noqa: Y015
+
+@_typing.final
+class ListAlertsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]: ...
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[Global___Alert] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015
+
+@_typing.final
+class ModelPrice(_message.Message):
+    """---------------------------------------------------------------- prices"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_NANOUSD_PER_MTOK_FIELD_NUMBER: _builtins.int
+    CACHED_INPUT_NANOUSD_PER_MTOK_FIELD_NUMBER: _builtins.int
+    OUTPUT_NANOUSD_PER_MTOK_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_US_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """a family name ("gpt-4o"); dated snapshots resolve to it"""
+    input_nanousd_per_mtok: _builtins.int
+    """Nano-dollars per million tokens: exact integers even for sub-nano-dollar per-token prices."""
+    cached_input_nanousd_per_mtok: _builtins.int
+    output_nanousd_per_mtok: _builtins.int
+    source: _builtins.str
+    updated_at_us: _builtins.int
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        input_nanousd_per_mtok: _builtins.int = ...,
+        cached_input_nanousd_per_mtok: _builtins.int = ...,
+        output_nanousd_per_mtok: _builtins.int = ...,
+        source: _builtins.str = ...,
+        updated_at_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_nanousd_per_mtok", b"cached_input_nanousd_per_mtok", "input_nanousd_per_mtok", b"input_nanousd_per_mtok", "model", b"model", "output_nanousd_per_mtok", b"output_nanousd_per_mtok", "source", b"source", "updated_at_us", b"updated_at_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelPrice: _TypeAlias = ModelPrice  # noqa: Y015
+
+@_typing.final
+class SetPriceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def price(self) -> Global___ModelPrice: ...
+    def __init__(
+        self,
+        *,
+        price: Global___ModelPrice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPriceRequest: _TypeAlias = SetPriceRequest  # noqa: Y015
+
+@_typing.final
+class SetPriceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def price(self) -> Global___ModelPrice: ...
+    def __init__(
+        self,
+        *,
+        price: Global___ModelPrice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPriceResponse: _TypeAlias = SetPriceResponse  # noqa: Y015
+
+@_typing.final
+class ListPricesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFIX_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    prefix: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        prefix: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPricesRequest: _TypeAlias = ListPricesRequest  # noqa: Y015
+
+@_typing.final
+class ListPricesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelPrice]: ...
+    def __init__(
+        self,
+        *,
+        prices: _abc.Iterable[Global___ModelPrice] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "prices", b"prices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPricesResponse: _TypeAlias = ListPricesResponse  # noqa: Y015
+
+@_typing.final
+class ImportPricesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LITELLM_JSON_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    litellm_json: _builtins.bytes
+    """LiteLLM's model_prices_and_context_window.json"""
+    source: _builtins.str
+    """recorded with each price, e.g. "litellm 1.80.0 (2026-11-20)" """
+    def __init__(
+        self,
+        *,
+        litellm_json: _builtins.bytes = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["litellm_json", b"litellm_json", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportPricesRequest: _TypeAlias = ImportPricesRequest  # noqa: Y015
+
+@_typing.final
+class ImportPricesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMPORTED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    imported: _builtins.int
+    skipped: _builtins.int
+    """entries without per-token chat prices"""
+    def __init__(
+        self,
+        *,
+        imported: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["imported", b"imported", "skipped", b"skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportPricesResponse: _TypeAlias = ImportPricesResponse  # noqa: Y015
+
+@_typing.final
+class DeletePriceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletePriceRequest: _TypeAlias = DeletePriceRequest  # noqa: Y015
+
+@_typing.final
+class DeletePriceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletePriceResponse: _TypeAlias = DeletePriceResponse  # noqa: Y015
+
+@_typing.final
+class Webhook(_message.Message):
+    """---------------------------------------------------------------- webhooks"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    BUDGET_PREFIX_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_US_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    url: _builtins.str
+    budget_prefix: _builtins.str
+    """events of budgets whose id starts with this"""
+    created_at_us: _builtins.int
+    """The signing secret is returned once, by CreateWebhook."""
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___BudgetEventKind.ValueType]:
+        """empty = alerts only"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        budget_prefix: _builtins.str = ...,
+        kinds: _abc.Iterable[Global___BudgetEventKind.ValueType] | None = ...,
+        created_at_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_prefix", b"budget_prefix", "created_at_us", b"created_at_us", "id", b"id", "kinds", b"kinds", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Webhook: _TypeAlias = Webhook  # noqa: Y015
+
+@_typing.final
+class CreateWebhookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    BUDGET_PREFIX_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    budget_prefix: _builtins.str
+    secret: _builtins.str
+    """empty = generated"""
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___BudgetEventKind.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        budget_prefix: _builtins.str = ...,
+        kinds: _abc.Iterable[Global___BudgetEventKind.ValueType] | None = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_prefix", b"budget_prefix", "kinds", b"kinds", "secret", b"secret", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateWebhookRequest: _TypeAlias = CreateWebhookRequest  # noqa: Y015
+
+@_typing.final
+class CreateWebhookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    @_builtins.property
+    def webhook(self) -> Global___Webhook: ...
+    def __init__(
+        self,
+        *,
+        webhook: Global___Webhook | None = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "webhook", b"webhook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateWebhookResponse: _TypeAlias = CreateWebhookResponse  # noqa: Y015
+
+@_typing.final
+class ListWebhooksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhooksRequest: _TypeAlias = ListWebhooksRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhooksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def webhooks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Webhook]: ...
+    def __init__(
+        self,
+        *,
+        webhooks: _abc.Iterable[Global___Webhook] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhooks", b"webhooks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhooksResponse: _TypeAlias = ListWebhooksResponse  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookRequest: _TypeAlias = DeleteWebhookRequest  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookResponse: _TypeAlias = DeleteWebhookResponse  # noqa: Y015

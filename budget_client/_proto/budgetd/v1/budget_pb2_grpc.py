@@ -400,6 +400,71 @@ class AdminServiceStub:
                 request_serializer=budgetd_dot_v1_dot_budget__pb2.VerifyLedgerRequest.SerializeToString,
                 response_deserializer=budgetd_dot_v1_dot_budget__pb2.VerifyLedgerResponse.FromString,
                 _registered_method=True)
+        self.FreezeBudget = channel.unary_unary(
+                '/budgetd.v1.AdminService/FreezeBudget',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.FreezeBudgetRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.UpdateBudgetResponse.FromString,
+                _registered_method=True)
+        self.UnfreezeBudget = channel.unary_unary(
+                '/budgetd.v1.AdminService/UnfreezeBudget',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.UnfreezeBudgetRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.UpdateBudgetResponse.FromString,
+                _registered_method=True)
+        self.DeleteBudget = channel.unary_unary(
+                '/budgetd.v1.AdminService/DeleteBudget',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.DeleteBudgetRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.DeleteBudgetResponse.FromString,
+                _registered_method=True)
+        self.UsageReport = channel.unary_unary(
+                '/budgetd.v1.AdminService/UsageReport',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.UsageReportRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.UsageReportResponse.FromString,
+                _registered_method=True)
+        self.WatchBudgets = channel.unary_stream(
+                '/budgetd.v1.AdminService/WatchBudgets',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.WatchBudgetsRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.BudgetEvent.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/budgetd.v1.AdminService/ListAlerts',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.SetPrice = channel.unary_unary(
+                '/budgetd.v1.AdminService/SetPrice',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.SetPriceRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.SetPriceResponse.FromString,
+                _registered_method=True)
+        self.ListPrices = channel.unary_unary(
+                '/budgetd.v1.AdminService/ListPrices',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.ListPricesRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.ListPricesResponse.FromString,
+                _registered_method=True)
+        self.ImportPrices = channel.unary_unary(
+                '/budgetd.v1.AdminService/ImportPrices',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.ImportPricesRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.ImportPricesResponse.FromString,
+                _registered_method=True)
+        self.DeletePrice = channel.unary_unary(
+                '/budgetd.v1.AdminService/DeletePrice',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.DeletePriceRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.DeletePriceResponse.FromString,
+                _registered_method=True)
+        self.CreateWebhook = channel.unary_unary(
+                '/budgetd.v1.AdminService/CreateWebhook',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.CreateWebhookRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.CreateWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/budgetd.v1.AdminService/ListWebhooks',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/budgetd.v1.AdminService/DeleteWebhook',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.DeleteWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -447,6 +512,84 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreezeBudget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnfreezeBudget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBudget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UsageReport(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBudgets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPrice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportPrices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePrice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateWebhook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -484,6 +627,71 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.VerifyLedger,
                     request_deserializer=budgetd_dot_v1_dot_budget__pb2.VerifyLedgerRequest.FromString,
                     response_serializer=budgetd_dot_v1_dot_budget__pb2.VerifyLedgerResponse.SerializeToString,
+            ),
+            'FreezeBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeBudget,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.FreezeBudgetRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.UpdateBudgetResponse.SerializeToString,
+            ),
+            'UnfreezeBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnfreezeBudget,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.UnfreezeBudgetRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.UpdateBudgetResponse.SerializeToString,
+            ),
+            'DeleteBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBudget,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.DeleteBudgetRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.DeleteBudgetResponse.SerializeToString,
+            ),
+            'UsageReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.UsageReport,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.UsageReportRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.UsageReportResponse.SerializeToString,
+            ),
+            'WatchBudgets': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBudgets,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.WatchBudgetsRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.BudgetEvent.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.ListAlertsRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'SetPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPrice,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.SetPriceRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.SetPriceResponse.SerializeToString,
+            ),
+            'ListPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrices,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.ListPricesRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.ListPricesResponse.SerializeToString,
+            ),
+            'ImportPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportPrices,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.ImportPricesRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.ImportPricesResponse.SerializeToString,
+            ),
+            'DeletePrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePrice,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.DeletePriceRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.DeletePriceResponse.SerializeToString,
+            ),
+            'CreateWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhook,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.CreateWebhookRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.CreateWebhookResponse.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.DeleteWebhookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -675,6 +883,357 @@ class AdminService:
             '/budgetd.v1.AdminService/VerifyLedger',
             budgetd_dot_v1_dot_budget__pb2.VerifyLedgerRequest.SerializeToString,
             budgetd_dot_v1_dot_budget__pb2.VerifyLedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/FreezeBudget',
+            budgetd_dot_v1_dot_budget__pb2.FreezeBudgetRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.UpdateBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnfreezeBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/UnfreezeBudget',
+            budgetd_dot_v1_dot_budget__pb2.UnfreezeBudgetRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.UpdateBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/DeleteBudget',
+            budgetd_dot_v1_dot_budget__pb2.DeleteBudgetRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.DeleteBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UsageReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/UsageReport',
+            budgetd_dot_v1_dot_budget__pb2.UsageReportRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.UsageReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/budgetd.v1.AdminService/WatchBudgets',
+            budgetd_dot_v1_dot_budget__pb2.WatchBudgetsRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.BudgetEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/ListAlerts',
+            budgetd_dot_v1_dot_budget__pb2.ListAlertsRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/SetPrice',
+            budgetd_dot_v1_dot_budget__pb2.SetPriceRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.SetPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/ListPrices',
+            budgetd_dot_v1_dot_budget__pb2.ListPricesRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.ListPricesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/ImportPrices',
+            budgetd_dot_v1_dot_budget__pb2.ImportPricesRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.ImportPricesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/DeletePrice',
+            budgetd_dot_v1_dot_budget__pb2.DeletePriceRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.DeletePriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/CreateWebhook',
+            budgetd_dot_v1_dot_budget__pb2.CreateWebhookRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.CreateWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/ListWebhooks',
+            budgetd_dot_v1_dot_budget__pb2.ListWebhooksRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/DeleteWebhook',
+            budgetd_dot_v1_dot_budget__pb2.DeleteWebhookRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.DeleteWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

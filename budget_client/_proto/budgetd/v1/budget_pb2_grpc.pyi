@@ -119,6 +119,19 @@ class AdminServiceStub:
     ListReservations: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ListReservationsRequest, _budget_pb2.ListReservationsResponse]
     ListLedgerEntries: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ListLedgerEntriesRequest, _budget_pb2.ListLedgerEntriesResponse]
     VerifyLedger: _grpc.UnaryUnaryMultiCallable[_budget_pb2.VerifyLedgerRequest, _budget_pb2.VerifyLedgerResponse]
+    FreezeBudget: _grpc.UnaryUnaryMultiCallable[_budget_pb2.FreezeBudgetRequest, _budget_pb2.UpdateBudgetResponse]
+    UnfreezeBudget: _grpc.UnaryUnaryMultiCallable[_budget_pb2.UnfreezeBudgetRequest, _budget_pb2.UpdateBudgetResponse]
+    DeleteBudget: _grpc.UnaryUnaryMultiCallable[_budget_pb2.DeleteBudgetRequest, _budget_pb2.DeleteBudgetResponse]
+    UsageReport: _grpc.UnaryUnaryMultiCallable[_budget_pb2.UsageReportRequest, _budget_pb2.UsageReportResponse]
+    WatchBudgets: _grpc.UnaryStreamMultiCallable[_budget_pb2.WatchBudgetsRequest, _budget_pb2.BudgetEvent]
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ListAlertsRequest, _budget_pb2.ListAlertsResponse]
+    SetPrice: _grpc.UnaryUnaryMultiCallable[_budget_pb2.SetPriceRequest, _budget_pb2.SetPriceResponse]
+    ListPrices: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ListPricesRequest, _budget_pb2.ListPricesResponse]
+    ImportPrices: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ImportPricesRequest, _budget_pb2.ImportPricesResponse]
+    DeletePrice: _grpc.UnaryUnaryMultiCallable[_budget_pb2.DeletePriceRequest, _budget_pb2.DeletePriceResponse]
+    CreateWebhook: _grpc.UnaryUnaryMultiCallable[_budget_pb2.CreateWebhookRequest, _budget_pb2.CreateWebhookResponse]
+    ListWebhooks: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ListWebhooksRequest, _budget_pb2.ListWebhooksResponse]
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_budget_pb2.DeleteWebhookRequest, _budget_pb2.DeleteWebhookResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -130,6 +143,19 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListReservations: _aio.UnaryUnaryMultiCallable[_budget_pb2.ListReservationsRequest, _budget_pb2.ListReservationsResponse]  # type: ignore[assignment]
     ListLedgerEntries: _aio.UnaryUnaryMultiCallable[_budget_pb2.ListLedgerEntriesRequest, _budget_pb2.ListLedgerEntriesResponse]  # type: ignore[assignment]
     VerifyLedger: _aio.UnaryUnaryMultiCallable[_budget_pb2.VerifyLedgerRequest, _budget_pb2.VerifyLedgerResponse]  # type: ignore[assignment]
+    FreezeBudget: _aio.UnaryUnaryMultiCallable[_budget_pb2.FreezeBudgetRequest, _budget_pb2.UpdateBudgetResponse]  # type: ignore[assignment]
+    UnfreezeBudget: _aio.UnaryUnaryMultiCallable[_budget_pb2.UnfreezeBudgetRequest, _budget_pb2.UpdateBudgetResponse]  # type: ignore[assignment]
+    DeleteBudget: _aio.UnaryUnaryMultiCallable[_budget_pb2.DeleteBudgetRequest, _budget_pb2.DeleteBudgetResponse]  # type: ignore[assignment]
+    UsageReport: _aio.UnaryUnaryMultiCallable[_budget_pb2.UsageReportRequest, _budget_pb2.UsageReportResponse]  # type: ignore[assignment]
+    WatchBudgets: _aio.UnaryStreamMultiCallable[_budget_pb2.WatchBudgetsRequest, _budget_pb2.BudgetEvent]  # type: ignore[assignment]
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_budget_pb2.ListAlertsRequest, _budget_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    SetPrice: _aio.UnaryUnaryMultiCallable[_budget_pb2.SetPriceRequest, _budget_pb2.SetPriceResponse]  # type: ignore[assignment]
+    ListPrices: _aio.UnaryUnaryMultiCallable[_budget_pb2.ListPricesRequest, _budget_pb2.ListPricesResponse]  # type: ignore[assignment]
+    ImportPrices: _aio.UnaryUnaryMultiCallable[_budget_pb2.ImportPricesRequest, _budget_pb2.ImportPricesResponse]  # type: ignore[assignment]
+    DeletePrice: _aio.UnaryUnaryMultiCallable[_budget_pb2.DeletePriceRequest, _budget_pb2.DeletePriceResponse]  # type: ignore[assignment]
+    CreateWebhook: _aio.UnaryUnaryMultiCallable[_budget_pb2.CreateWebhookRequest, _budget_pb2.CreateWebhookResponse]  # type: ignore[assignment]
+    ListWebhooks: _aio.UnaryUnaryMultiCallable[_budget_pb2.ListWebhooksRequest, _budget_pb2.ListWebhooksResponse]  # type: ignore[assignment]
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_budget_pb2.DeleteWebhookRequest, _budget_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -180,5 +206,96 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _budget_pb2.VerifyLedgerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.VerifyLedgerResponse, _abc.Awaitable[_budget_pb2.VerifyLedgerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def FreezeBudget(
+        self,
+        request: _budget_pb2.FreezeBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.UpdateBudgetResponse, _abc.Awaitable[_budget_pb2.UpdateBudgetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UnfreezeBudget(
+        self,
+        request: _budget_pb2.UnfreezeBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.UpdateBudgetResponse, _abc.Awaitable[_budget_pb2.UpdateBudgetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteBudget(
+        self,
+        request: _budget_pb2.DeleteBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.DeleteBudgetResponse, _abc.Awaitable[_budget_pb2.DeleteBudgetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UsageReport(
+        self,
+        request: _budget_pb2.UsageReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.UsageReportResponse, _abc.Awaitable[_budget_pb2.UsageReportResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchBudgets(
+        self,
+        request: _budget_pb2.WatchBudgetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_budget_pb2.BudgetEvent], _abc.AsyncIterator[_budget_pb2.BudgetEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _budget_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.ListAlertsResponse, _abc.Awaitable[_budget_pb2.ListAlertsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetPrice(
+        self,
+        request: _budget_pb2.SetPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.SetPriceResponse, _abc.Awaitable[_budget_pb2.SetPriceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPrices(
+        self,
+        request: _budget_pb2.ListPricesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.ListPricesResponse, _abc.Awaitable[_budget_pb2.ListPricesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ImportPrices(
+        self,
+        request: _budget_pb2.ImportPricesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.ImportPricesResponse, _abc.Awaitable[_budget_pb2.ImportPricesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePrice(
+        self,
+        request: _budget_pb2.DeletePriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.DeletePriceResponse, _abc.Awaitable[_budget_pb2.DeletePriceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateWebhook(
+        self,
+        request: _budget_pb2.CreateWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.CreateWebhookResponse, _abc.Awaitable[_budget_pb2.CreateWebhookResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListWebhooks(
+        self,
+        request: _budget_pb2.ListWebhooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.ListWebhooksResponse, _abc.Awaitable[_budget_pb2.ListWebhooksResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteWebhook(
+        self,
+        request: _budget_pb2.DeleteWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.DeleteWebhookResponse, _abc.Awaitable[_budget_pb2.DeleteWebhookResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
