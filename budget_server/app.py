@@ -26,6 +26,7 @@ from budget_server.clock import Clock, SystemClock
 from budget_server.config import ServerConfig
 from budget_server.db.engine import Database, open_database
 from budget_server.db.migrate import upgrade_to_head
+from budget_server.events.bus import EventBus
 from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.sweeper import run_sweeper
 from budget_server.meter.registry import SessionRegistry
@@ -52,11 +53,12 @@ class BudgetServer:
         self._health = health_aio.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
         self.sessions = SessionRegistry()
+        self.events = EventBus()
 
     async def start(self) -> None:
         self.db = open_database(self.config.db_url, pool_size=self.config.db_pool_size)
         await upgrade_to_head(self.db)
-        self.ledger = Ledger(self.db, self.clock)
+        self.ledger = Ledger(self.db, self.clock, self.events)
         server = aio.server(
             options=[
                 ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
@@ -66,7 +68,7 @@ class BudgetServer:
         services = pb.DESCRIPTOR.services_by_name
         meter = MeterStreams(self.ledger, self.config.grant_policy, self.sessions)
         add_servicer(server, BudgetService(self.ledger, meter), services["BudgetService"])
-        add_servicer(server, AdminService(self.ledger), services["AdminService"])
+        add_servicer(server, AdminService(self.ledger, self.events), services["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -11,6 +11,7 @@ from budget_server.clock import Clock
 from budget_server.db.engine import Database
 from budget_server.db.schema import budgets, reservations
 from budget_server.errors import NotFound
+from budget_server.events.bus import EventBus
 from budget_server.ledger.actors import BudgetActor
 from budget_server.ledger.model import (
     ChargeOp,
@@ -31,9 +32,10 @@ CHAIN_DEPTH_MAX = 16
 class Ledger:
     """Routes each operation to its budget's actor and awaits the committed result."""
 
-    def __init__(self, db: Database, clock: Clock) -> None:
+    def __init__(self, db: Database, clock: Clock, events: EventBus | None = None) -> None:
         self.db = db
         self.clock = clock
+        self.events = events or EventBus()
         self._actors: dict[str, BudgetActor] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
         # reservation id -> budget id, so Commit/Release skip a lookup for recent reservations

@@ -1,0 +1,182 @@
+"""Helpers for meter-stream tests: raw Meter calls, waiting on what the server did, SQL counts.
+
+The meter protocol sends no reply to a usage message, so a test cannot learn from the
+stream that the server has taken a message in. Where it must know (before cancelling a
+stream, or before it stops counting SQL), it looks at the in-process server instead:
+the live session's usage, or the reservation's row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from sqlalchemy import event, select
+from sqlalchemy.engine import Row
+
+from budget_client._proto.budgetd.v1 import budget_pb2 as pb
+from budget_server.app import BudgetServer
+from budget_server.db.schema import reservations
+from budget_server.meter.session import MeterSession
+from tests.support.ledger import all_entries
+from tests.support.servers import Stubs
+
+WAIT_S = 5.0
+"""Longest wait for anything a test expects the server to do (each test stays under it)."""
+
+MeterCall = grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent]
+
+
+def open_request(
+    budget_id: str,
+    *,
+    prompt_tokens: int = 0,
+    max_output_tokens: int = 0,
+    model: str = "gpt-4o",
+    resume_reservation_id: str = "",
+) -> pb.MeterRequest:
+    return pb.MeterRequest(
+        open=pb.MeterOpen(
+            budget_id=budget_id,
+            model=model,
+            prompt_tokens_estimate=prompt_tokens,
+            max_output_tokens=max_output_tokens,
+            resume_reservation_id=resume_reservation_id,
+        )
+    )
+
+
+def usage_request(input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> pb.MeterRequest:
+    return pb.MeterRequest(
+        usage=pb.MeterUsage(
+            usage=pb.Usage(
+                input_tokens=input_tokens,
+                cached_input_tokens=cached_input_tokens,
+                output_tokens=output_tokens,
+            )
+        )
+    )
+
+
+def finish_request(
+    input_tokens: int = 0, output_tokens: int = 0, *, provider: bool = False
+) -> pb.MeterRequest:
+    return pb.MeterRequest(
+        finish=pb.MeterFinish(
+            usage=pb.Usage(input_tokens=input_tokens, output_tokens=output_tokens),
+            has_provider_usage=provider,
+        )
+    )
+
+
+async def next_event(call: MeterCall, timeout_s: float = WAIT_S) -> pb.MeterEvent:
+    """The server's next event; fails on end of stream or when none comes in time."""
+    event_ = await asyncio.wait_for(call.read(), timeout_s)
+    assert isinstance(event_, pb.MeterEvent), "the server ended the meter stream"
+    return event_
+
+
+async def open_stream(api: Stubs, request: pb.MeterRequest) -> tuple[MeterCall, pb.MeterOpened]:
+    call = api.budget.Meter()
+    await call.write(request)
+    first = await next_event(call)
+    assert first.WhichOneof("event") == "opened", first
+    return call, first.opened
+
+
+async def wait_until(
+    predicate: Callable[[], Any], what: str, timeout_s: float = WAIT_S, pause_s: float = 0.002
+) -> Any:
+    """Poll `predicate` (sync or async) until it returns something truthy; return that."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        outcome = predicate()
+        if asyncio.iscoroutine(outcome):
+            outcome = await outcome
+        if outcome:
+            return outcome
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(pause_s)
+
+
+def live_session(server: BudgetServer, budget_id: str, reservation_id: str) -> MeterSession | None:
+    for session in server.sessions.sessions_of({budget_id}):
+        if session.reservation_id == reservation_id:
+            return session
+    return None
+
+
+async def wait_session_usage(
+    server: BudgetServer, budget_id: str, reservation_id: str, output_tokens: int
+) -> MeterSession:
+    """Wait until the server's live session has taken in usage up to `output_tokens`."""
+
+    def reached() -> MeterSession | None:
+        session = live_session(server, budget_id, reservation_id)
+        if session is not None and session.usage.output_tokens >= output_tokens:
+            return session
+        return None
+
+    session: MeterSession = await wait_until(
+        reached, f"the server to see {output_tokens} output tokens on {reservation_id}"
+    )
+    return session
+
+
+async def reservation_row(server: BudgetServer, reservation_id: str) -> Row[Any]:
+    assert server.db is not None
+    async with server.db.read() as conn:
+        row = (
+            await conn.execute(select(reservations).where(reservations.c.id == reservation_id))
+        ).one()
+    return row
+
+
+async def wait_entry(
+    api: Stubs, budget_id: str, kind: pb.EntryKind.ValueType, reservation_id: str
+) -> pb.LedgerEntry:
+    """The first ledger entry of `kind` for the reservation, once it exists."""
+
+    async def found() -> pb.LedgerEntry | None:
+        for entry in await all_entries(api, budget_id):
+            if entry.kind == kind and entry.reservation_id == reservation_id:
+                return entry
+        return None
+
+    entry: pb.LedgerEntry = await wait_until(
+        found, f"a {pb.EntryKind.Name(kind)} entry for {reservation_id}", pause_s=0.01
+    )
+    return entry
+
+
+def _is_sweep(statement: str) -> bool:
+    """The sweeper's periodic read of due reservations (budget_server/ledger/sweeper.py):
+    it runs every 0.05 s whatever the streams do, so it is not a meter stream's SQL."""
+    return (
+        statement.lstrip().upper().startswith("SELECT")
+        and "FROM reservations" in statement
+        and "ORDER BY reservations.expires_at_us" in statement
+    )
+
+
+@contextmanager
+def sql_statements(server: BudgetServer) -> Iterator[list[str]]:
+    """Every statement the server's engine executes inside the block, sweeps excluded."""
+    assert server.db is not None
+    engine = server.db.engine.sync_engine
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        if not _is_sweep(statement):
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
