@@ -27,6 +27,7 @@ from budget_server.config import ServerConfig
 from budget_server.db.engine import Database, open_database
 from budget_server.db.migrate import upgrade_to_head
 from budget_server.events.bus import EventBus
+from budget_server.events.pg_listener import listen_forever
 from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.sweeper import run_sweeper
 from budget_server.meter.registry import SessionRegistry
@@ -54,6 +55,7 @@ class BudgetServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.sessions = SessionRegistry()
         self.events = EventBus()
+        self.events.add_listener(self.sessions.on_event)
 
     async def start(self) -> None:
         self.db = open_database(self.config.db_url, pool_size=self.config.db_pool_size)
@@ -85,6 +87,13 @@ class BudgetServer:
                 run_sweeper(self.ledger, self.clock, self.config.sweep_interval_s), name="sweeper"
             )
         )
+        if not self.db.is_sqlite:
+            origin = self.ledger.publisher.origin
+            self._tasks.append(
+                asyncio.create_task(
+                    listen_forever(self.config.db_url, self.events, origin), name="pg-events"
+                )
+            )
 
     @property
     def address(self) -> str:

@@ -65,8 +65,46 @@ class BudgetAdmin(AdminBase):
         )
         if request.alert_thresholds_pct and not request.set_alert_thresholds:
             raise InvalidArgument("set set_alert_thresholds to change alert_thresholds_pct")
-        _, after = await admin.update_budget(self.ledger.db, request.id, changes, self._now_us())
+        _, after = await admin.update_budget(
+            self.ledger.db, request.id, changes, self._now_us(), self.ledger.publisher
+        )
         return pb.UpdateBudgetResponse(budget=budget_to_pb(after))
+
+    @unary
+    async def FreezeBudget(
+        self, request: pb.FreezeBudgetRequest, context: Context
+    ) -> pb.UpdateBudgetResponse:
+        """Refuse new grants and abort the budget's open streams on every replica."""
+        _, after = await admin.update_budget(
+            self.ledger.db,
+            request.id,
+            admin.BudgetChanges(frozen=True),
+            self._now_us(),
+            self.ledger.publisher,
+            reason=request.reason[:500],
+        )
+        return pb.UpdateBudgetResponse(budget=budget_to_pb(after))
+
+    @unary
+    async def UnfreezeBudget(
+        self, request: pb.UnfreezeBudgetRequest, context: Context
+    ) -> pb.UpdateBudgetResponse:
+        _, after = await admin.update_budget(
+            self.ledger.db,
+            request.id,
+            admin.BudgetChanges(frozen=False),
+            self._now_us(),
+            self.ledger.publisher,
+        )
+        return pb.UpdateBudgetResponse(budget=budget_to_pb(after))
+
+    @unary
+    async def DeleteBudget(
+        self, request: pb.DeleteBudgetRequest, context: Context
+    ) -> pb.DeleteBudgetResponse:
+        await admin.delete_budget(self.ledger.db, request.id, self._now_us(), self.ledger.publisher)
+        self.ledger.forget_budget(request.id)
+        return pb.DeleteBudgetResponse()
 
     @unary
     async def GetBudget(

@@ -17,6 +17,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 
 from budget_server.db.engine import Database
 from budget_server.errors import LedgerError, Overloaded, Unavailable
+from budget_server.events.model import BudgetEvent
+from budget_server.events.publisher import EventPublisher
 from budget_server.ledger.model import Op, OpResult
 from budget_server.ledger.txn import ChainBatch, ConcurrentWrite
 from budget_server.limits import ACTOR_QUEUE_MAX, BATCH_OPS_MAX
@@ -24,6 +26,9 @@ from budget_server.limits import ACTOR_QUEUE_MAX, BATCH_OPS_MAX
 log = logging.getLogger("budgetd.actors")
 
 CONFLICT_RETRIES_MAX = 8
+
+# Sees every batch after it committed (events for watchers, logs, metrics).
+BatchObserver = Callable[[Sequence[Op], Sequence[OpResult | LedgerError | BaseException]], None]
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -42,12 +47,16 @@ class BudgetActor:
         db: Database,
         now_us: Callable[[], int],
         on_idle: Callable[[BudgetActor], None],
+        publisher: EventPublisher | None = None,
+        on_batch: BatchObserver | None = None,
     ) -> None:
         self.budget_id = budget_id
         self.chain_ids = tuple(chain_ids)
         self._db = db
         self._now_us = now_us
         self._on_idle = on_idle
+        self._publisher = publisher
+        self._on_batch = on_batch
         self._queue: collections.deque[Op] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -85,8 +94,9 @@ class BudgetActor:
 
     async def _apply(self, batch: list[Op]) -> None:
         results: Sequence[OpResult | LedgerError | BaseException]
+        events: list[BudgetEvent] = []
         try:
-            results = await self._transact(batch)
+            results, events = await self._transact(batch)
         except LedgerError as error:  # the whole batch was refused (e.g. budget deleted)
             results = [error] * len(batch)
         except Exception as exc:
@@ -105,16 +115,24 @@ class BudgetActor:
                 op.future.set_exception(result)
             else:
                 op.future.set_result(result)
+        if self._publisher is not None and events:
+            self._publisher.after_commit(events)
+        if self._on_batch is not None:
+            self._on_batch(batch, results)
 
-    async def _transact(self, batch: list[Op]) -> list[OpResult | LedgerError]:
+    async def _transact(
+        self, batch: list[Op]
+    ) -> tuple[list[OpResult | LedgerError], list[BudgetEvent]]:
         for _attempt in range(CONFLICT_RETRIES_MAX):
             try:
                 async with self._db.write() as conn:
-                    txn = ChainBatch(conn, self.chain_ids, self._now_us(), self._db.locks_rows)
+                    txn = ChainBatch(
+                        conn, self.chain_ids, self._now_us(), self._db.locks_rows, self._publisher
+                    )
                     await txn.load(batch)
                     results = [txn.apply(op) for op in batch]
                     await txn.flush()
-                return results
+                return results, txn.events
             except (ConcurrentWrite, IntegrityError) as exc:
                 log.info("write conflict on %s (%s); retrying batch", self.budget_id, exc)
                 await asyncio.sleep(0)

@@ -17,7 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from budget_server import validation
 from budget_server.db.engine import Database
 from budget_server.db.schema import budgets, ledger_entries, reservation_holds, reservations
-from budget_server.errors import AlreadyExists, InvalidArgument, NotFound
+from budget_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from budget_server.events.model import BudgetEvent, new_event_id
+from budget_server.events.publisher import EventPublisher
 from budget_server.ledger.model import (
     ENTRY_KINDS,
     MODES,
@@ -98,7 +100,7 @@ def check_spec(spec: BudgetSpec) -> BudgetSpec:
 
 
 async def _locked_budget(conn: AsyncConnection, db: Database, budget_id: str) -> BudgetState:
-    query = select(budgets).where(budgets.c.id == budget_id)
+    query = select(budgets).where(budgets.c.id == budget_id, budgets.c.deleted_at_us == 0)
     if db.locks_rows:
         query = query.with_for_update()
     row = (await conn.execute(query)).first()
@@ -109,7 +111,11 @@ async def _locked_budget(conn: AsyncConnection, db: Database, budget_id: str) ->
 
 async def _require_budget(conn: AsyncConnection, budget_id: str) -> None:
     """Listing an unknown budget is NOT_FOUND, not an empty page that hides a typo."""
-    row = (await conn.execute(select(budgets.c.id).where(budgets.c.id == budget_id))).first()
+    row = (
+        await conn.execute(
+            select(budgets.c.id).where(budgets.c.id == budget_id, budgets.c.deleted_at_us == 0)
+        )
+    ).first()
     if row is None:
         raise NotFound(f"budget {budget_id!r} does not exist")
 
@@ -162,9 +168,14 @@ async def create_budget(db: Database, spec: BudgetSpec, now_us: int) -> BudgetVi
             "created_at_us": now_us,
             "updated_at_us": now_us,
         }
-        existing = (await conn.execute(select(budgets.c.id).where(budgets.c.id == spec.id))).first()
+        existing = (
+            await conn.execute(select(budgets.c.deleted_at_us).where(budgets.c.id == spec.id))
+        ).first()
         if existing is not None:
-            raise AlreadyExists(f"budget {spec.id!r} already exists")
+            raise AlreadyExists(
+                f"budget {spec.id!r} already exists"
+                + (" (deleted; its ledger keeps the id)" if existing.deleted_at_us else "")
+            )
         try:
             await conn.execute(insert(budgets).values(values))
         except IntegrityError as exc:
@@ -184,10 +195,51 @@ class BudgetChanges:
     frozen: bool | None = None
 
 
+def change_events(
+    before: BudgetState, after: BudgetState, now_us: int, reason: str
+) -> list[BudgetEvent]:
+    """What open streams and watchers must hear about a change to a budget."""
+    events: list[BudgetEvent] = []
+
+    def event(kind: str, amount: int = 0, message: str = "") -> BudgetEvent:
+        return BudgetEvent(
+            id=new_event_id(),
+            kind=kind,
+            budget_id=after.id,
+            at_us=now_us,
+            amount=amount,
+            spent=after.spent,
+            limit=after.limit,
+            message=message,
+        )
+
+    if after.frozen and not before.frozen:
+        events.append(event("FROZEN", message=reason or f"budget {after.id!r} was frozen"))
+    if before.frozen and not after.frozen:
+        events.append(event("UNFROZEN"))
+    if after.limit != before.limit:
+        # Below what is already spent and held, some grants can no longer be honoured.
+        over = after.mode == "HARD" and after.spent + after.reserved > after.limit
+        message = (
+            f"the limit of {after.id!r} was lowered to {after.limit}, below what is spent "
+            "and reserved"
+            if over
+            else ""
+        )
+        events.append(event("LIMIT_CHANGED", amount=after.limit, message=message))
+    return events
+
+
 async def update_budget(
-    db: Database, budget_id: str, changes: BudgetChanges, now_us: int
+    db: Database,
+    budget_id: str,
+    changes: BudgetChanges,
+    now_us: int,
+    publisher: EventPublisher | None = None,
+    reason: str = "",
 ) -> tuple[BudgetView, BudgetView]:
-    """Apply the changes; return the budget (before, after)."""
+    """Apply the changes; return the budget (before, after). Freezing or lowering the limit
+    tells every replica (through the publisher) so their open streams are aborted."""
     validation.budget_id(budget_id, "id")
     values: dict[str, object] = {}
     if changes.limit is not None:
@@ -216,7 +268,58 @@ async def update_budget(
         after = BudgetState.from_row(
             (await conn.execute(select(budgets).where(budgets.c.id == budget_id))).one()
         )
+        events = change_events(before, after, now_us, reason)
+        if publisher is not None:
+            await publisher.in_transaction(conn, events, now_us)
+    if publisher is not None:
+        publisher.after_commit(events)
     return effective_view(before, now_us), effective_view(after, now_us)
+
+
+async def delete_budget(
+    db: Database, budget_id: str, now_us: int, publisher: EventPublisher | None = None
+) -> None:
+    """Retire a budget. Refused while it holds open reservations or has live children; its
+    rows stay (the ledger is append-only) but it is gone for every other call."""
+    validation.budget_id(budget_id, "id")
+    async with db.write() as conn:
+        await _locked_budget(conn, db, budget_id)
+        children = (
+            await conn.execute(
+                select(func.count())
+                .select_from(budgets)
+                .where(budgets.c.parent_id == budget_id, budgets.c.deleted_at_us == 0)
+            )
+        ).scalar_one()
+        if children:
+            raise FailedPrecondition(
+                f"budget {budget_id!r} has {children} child budget(s); delete them first"
+            )
+        pending = (
+            await conn.execute(
+                select(func.count())
+                .select_from(reservation_holds)
+                .join(reservations, reservations.c.id == reservation_holds.c.reservation_id)
+                .where(
+                    reservation_holds.c.budget_id == budget_id, reservations.c.state == "PENDING"
+                )
+            )
+        ).scalar_one()
+        if pending:
+            raise FailedPrecondition(
+                f"budget {budget_id!r} holds {pending} open reservation(s); "
+                "wait for them to finish or expire"
+            )
+        await conn.execute(
+            update(budgets)
+            .where(budgets.c.id == budget_id)
+            .values(deleted_at_us=now_us, updated_at_us=now_us)
+        )
+        events = [BudgetEvent(id=new_event_id(), kind="DELETED", budget_id=budget_id, at_us=now_us)]
+        if publisher is not None:
+            await publisher.in_transaction(conn, events, now_us)
+    if publisher is not None:
+        publisher.after_commit(events)
 
 
 async def get_budget_chain(db: Database, budget_id: str, now_us: int) -> list[BudgetView]:
@@ -226,7 +329,11 @@ async def get_budget_chain(db: Database, budget_id: str, now_us: int) -> list[Bu
     current: str | None = budget_id
     async with db.read() as conn:
         while current is not None and len(chain) < CHAIN_DEPTH_MAX:
-            row = (await conn.execute(select(budgets).where(budgets.c.id == current))).first()
+            row = (
+                await conn.execute(
+                    select(budgets).where(budgets.c.id == current, budgets.c.deleted_at_us == 0)
+                )
+            ).first()
             if row is None:
                 raise NotFound(f"budget {current!r} does not exist")
             chain.append(effective_view(BudgetState.from_row(row), now_us))
@@ -240,11 +347,11 @@ def page_size(value: int) -> int:
     return min(value or PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)
 
 
-def _encode_token(value: str) -> str:
+def encode_page_token(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode()
 
 
-def _decode_token(token: str) -> str:
+def decode_page_token(token: str) -> str:
     try:
         decoded = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError) as exc:
@@ -258,15 +365,17 @@ async def list_budgets(
     db: Database, prefix: str, size: int, token: str, now_us: int
 ) -> tuple[list[BudgetView], str]:
     size = page_size(size)
-    query = select(budgets).order_by(budgets.c.id).limit(size + 1)
+    query = (
+        select(budgets).where(budgets.c.deleted_at_us == 0).order_by(budgets.c.id).limit(size + 1)
+    )
     if prefix:
         query = query.where(budgets.c.id.startswith(prefix, autoescape=True))
     if token:
-        query = query.where(budgets.c.id > _decode_token(token))
+        query = query.where(budgets.c.id > decode_page_token(token))
     async with db.read() as conn:
         rows = (await conn.execute(query)).all()
     views = [effective_view(BudgetState.from_row(r), now_us) for r in rows[:size]]
-    return views, _encode_token(views[-1].id) if len(rows) > size else ""
+    return views, encode_page_token(views[-1].id) if len(rows) > size else ""
 
 
 async def list_reservations(
@@ -291,7 +400,7 @@ async def list_reservations(
     if state is not None:
         query = query.where(reservations.c.state == state)
     if token:
-        created_text, _, last_id = _decode_token(token).partition(":")
+        created_text, _, last_id = decode_page_token(token).partition(":")
         if not created_text.isdigit():
             raise InvalidArgument("page_token is not one this server issued")
         created = int(created_text)
@@ -306,7 +415,7 @@ async def list_reservations(
     next_token = ""
     if len(rows) > size:
         last = rows[size - 1]
-        next_token = _encode_token(f"{last.created_at_us}:{last.id}")
+        next_token = encode_page_token(f"{last.created_at_us}:{last.id}")
     return list(rows[:size]), next_token
 
 
@@ -334,7 +443,7 @@ async def list_entries(
     if until_us:
         query = query.where(ledger_entries.c.created_at_us < until_us)
     if token:
-        last = _decode_token(token)
+        last = decode_page_token(token)
         if not last.isdigit():
             raise InvalidArgument("page_token is not one this server issued")
         query = query.where(ledger_entries.c.id > int(last))
@@ -342,7 +451,7 @@ async def list_entries(
         if budget_id:
             await _require_budget(conn, budget_id)
         rows = list((await conn.execute(query)).all())
-    next_token = _encode_token(str(rows[size - 1].id)) if len(rows) > size else ""
+    next_token = encode_page_token(str(rows[size - 1].id)) if len(rows) > size else ""
     return list(rows[:size]), next_token
 
 

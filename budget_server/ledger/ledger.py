@@ -12,6 +12,7 @@ from budget_server.db.engine import Database
 from budget_server.db.schema import budgets, reservations
 from budget_server.errors import NotFound
 from budget_server.events.bus import EventBus
+from budget_server.events.publisher import EventPublisher
 from budget_server.ledger.actors import BudgetActor
 from budget_server.ledger.model import (
     ChargeOp,
@@ -24,6 +25,7 @@ from budget_server.ledger.model import (
     ReleaseOp,
     ReserveOp,
 )
+from budget_server.ledger.outcomes import OutcomeReporter
 
 RESERVATION_CACHE_MAX = 100_000
 CHAIN_DEPTH_MAX = 16
@@ -36,6 +38,8 @@ class Ledger:
         self.db = db
         self.clock = clock
         self.events = events or EventBus()
+        self.publisher = EventPublisher(self.events, cross_process=not db.is_sqlite)
+        self.outcomes = OutcomeReporter(self.events, clock)
         self._actors: dict[str, BudgetActor] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
         # reservation id -> budget id, so Commit/Release skip a lookup for recent reservations
@@ -52,7 +56,11 @@ class Ledger:
         async with self.db.read() as conn:
             while current is not None:
                 row = (
-                    await conn.execute(select(budgets.c.parent_id).where(budgets.c.id == current))
+                    await conn.execute(
+                        select(budgets.c.parent_id).where(
+                            budgets.c.id == current, budgets.c.deleted_at_us == 0
+                        )
+                    )
                 ).first()
                 if row is None:
                     raise NotFound(f"budget {current!r} does not exist")
@@ -94,7 +102,15 @@ class Ledger:
             chain = await self.chain_of(budget_id)
             actor = self._actors.get(budget_id)  # another caller may have made it meanwhile
             if actor is None:
-                actor = BudgetActor(budget_id, chain, self.db, self.clock.now_us, self._idle)
+                actor = BudgetActor(
+                    budget_id,
+                    chain,
+                    self.db,
+                    self.clock.now_us,
+                    self._idle,
+                    self.publisher,
+                    self.outcomes.observe,
+                )
                 self._actors[budget_id] = actor
         actor.submit(op)
         result: OpResult = await op.future

@@ -33,12 +33,13 @@ class BudgetState:
     window_start_us: int
     created_at_us: int
     updated_at_us: int
+    alerted_pct: int = 0  # highest threshold already fired in this window
     # The figures as read, for the compare-and-set that writes them back.
-    read_figures: tuple[int, int, int, int] = (0, 0, 0, 0)
+    read_figures: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
 
     @property
-    def figures(self) -> tuple[int, int, int, int]:
-        return (self.spent, self.reserved, self.overage, self.window_start_us)
+    def figures(self) -> tuple[int, int, int, int, int]:
+        return (self.spent, self.reserved, self.overage, self.window_start_us, self.alerted_pct)
 
     @property
     def available(self) -> int:
@@ -67,6 +68,7 @@ class BudgetState:
             window_start_us=row.window_start_us,
             created_at_us=row.created_at_us,
             updated_at_us=row.updated_at_us,
+            alerted_pct=row.alerted_pct,
         )
         state.read_figures = state.figures
         return state

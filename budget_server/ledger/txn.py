@@ -20,7 +20,13 @@ from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
-from budget_server.db.schema import budgets, ledger_entries, reservation_holds, reservations
+from budget_server.db.schema import (
+    alerts,
+    budgets,
+    ledger_entries,
+    reservation_holds,
+    reservations,
+)
 from budget_server.errors import (
     BudgetExhausted,
     FailedPrecondition,
@@ -29,6 +35,9 @@ from budget_server.errors import (
     NotFound,
     ledger_assert,
 )
+from budget_server.events.model import BudgetEvent
+from budget_server.events.publisher import EventPublisher
+from budget_server.ledger.alerts import fire_alerts
 from budget_server.ledger.model import (
     BudgetState,
     BudgetView,
@@ -149,6 +158,7 @@ def roll_windows(chain: Sequence[BudgetState], now_us: int, entries: list[EntryD
         )
         budget.spent = 0
         budget.overage = 0
+        budget.alerted_pct = 0
         budget.window_start_us = start_us
 
 
@@ -156,9 +166,16 @@ class ChainBatch:
     """One transaction over one chain: read, decide in memory, write back."""
 
     def __init__(
-        self, conn: AsyncConnection, chain_ids: Sequence[str], now_us: int, lock_rows: bool
+        self,
+        conn: AsyncConnection,
+        chain_ids: Sequence[str],
+        now_us: int,
+        lock_rows: bool,
+        publisher: EventPublisher | None = None,
     ) -> None:
         self.conn = conn
+        self.publisher = publisher
+        self.events: list[BudgetEvent] = []  # alerts fired by this batch
         self.chain_ids = tuple(chain_ids)
         self.now_us = now_us
         self.lock_rows = lock_rows
@@ -174,7 +191,7 @@ class ChainBatch:
     async def load(self, ops: Sequence[Op]) -> None:
         query = (
             select(budgets)
-            .where(budgets.c.id.in_(self.chain_ids))
+            .where(budgets.c.id.in_(self.chain_ids), budgets.c.deleted_at_us == 0)
             .order_by(budgets.c.depth, budgets.c.id)
         )
         if self.lock_rows:
@@ -589,9 +606,15 @@ class ChainBatch:
     async def flush(self) -> None:
         now = self.now_us
         for budget in self.chain:
+            if (
+                budget.spent != budget.read_figures[0]
+                or budget.window_start_us != budget.read_figures[3]
+            ):
+                self.events.extend(fire_alerts(budget, now))
+        for budget in self.chain:
             if not budget.changed:
                 continue
-            spent0, reserved0, overage0, window0 = budget.read_figures
+            spent0, reserved0, overage0, window0, alerted0 = budget.read_figures
             result = await self.conn.execute(
                 update(budgets)
                 .where(
@@ -600,12 +623,14 @@ class ChainBatch:
                     budgets.c.reserved == reserved0,
                     budgets.c.overage == overage0,
                     budgets.c.window_start_us == window0,
+                    budgets.c.alerted_pct == alerted0,
                 )
                 .values(
                     spent=budget.spent,
                     reserved=budget.reserved,
                     overage=budget.overage,
                     window_start_us=budget.window_start_us,
+                    alerted_pct=budget.alerted_pct,
                     updated_at_us=now,
                 )
             )
@@ -725,6 +750,8 @@ class ChainBatch:
                 ],
             )
 
+        if self.events:
+            await self._record_alerts()
         if self.entries:
             await self.conn.execute(
                 insert(ledger_entries),
@@ -746,3 +773,22 @@ class ChainBatch:
                     for e in self.entries
                 ],
             )
+
+    async def _record_alerts(self) -> None:
+        await self.conn.execute(
+            insert(alerts),
+            [
+                {
+                    "event_id": e.id,
+                    "budget_id": e.budget_id,
+                    "window_start_us": self.by_id[e.budget_id].window_start_us,
+                    "threshold_pct": e.threshold_pct,
+                    "spent": e.spent,
+                    "limit_amount": e.limit,
+                    "fired_at_us": e.at_us,
+                }
+                for e in self.events
+            ],
+        )
+        if self.publisher is not None:
+            await self.publisher.in_transaction(self.conn, self.events, self.now_us)

@@ -1,10 +1,12 @@
 """The meter streams open in this process, by budget, so that a freeze or a lowered limit
-can abort them."""
+can abort them, and alerts reach them, wherever in the hierarchy the event happened."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+from budget_client._proto.budgetd.v1 import budget_pb2 as pb
+from budget_server.events.model import BudgetEvent
 from budget_server.meter.session import MeterSession
 
 
@@ -32,3 +34,33 @@ class SessionRegistry:
     @property
     def budget_ids(self) -> list[str]:
         return list(self._by_budget)
+
+    def under(self, budget_id: str) -> list[MeterSession]:
+        """Open sessions whose budget is `budget_id` or one of its descendants."""
+        return [
+            session
+            for sessions in self._by_budget.values()
+            for session in sessions
+            if budget_id in session.chain_ids
+        ]
+
+    def on_event(self, event: BudgetEvent) -> None:
+        """Bus listener: alerts go to the streams below the budget; freezes, deletions and
+        limits lowered below what is spent and held abort them."""
+        if event.kind not in ("ALERT", "FROZEN", "LIMIT_CHANGED", "DELETED"):
+            return
+        for session in self.under(event.budget_id):
+            if event.kind == "ALERT":
+                session.alert(event.budget_id, event.threshold_pct, event.spent, event.limit)
+            elif event.kind == "FROZEN":
+                session.abort_externally(pb.ABORT_REASON_FROZEN, event.budget_id, event.message)
+            elif event.kind == "DELETED":
+                session.abort_externally(
+                    pb.ABORT_REASON_FROZEN,
+                    event.budget_id,
+                    f"budget {event.budget_id!r} was deleted",
+                )
+            elif event.message:  # LIMIT_CHANGED below what is spent and held
+                session.abort_externally(
+                    pb.ABORT_REASON_LIMIT_LOWERED, event.budget_id, event.message
+                )

@@ -54,6 +54,7 @@ class MeterSession:
         self.state: State = "unopened"
         self.reservation_id = ""
         self.budget_id = ""
+        self.chain_ids: tuple[str, ...] = ()  # root-first; events on any of them concern us
         self.max_output_tokens = 0
         self.grant = ZERO_USAGE
         self.usage = ZERO_USAGE
@@ -74,6 +75,7 @@ class MeterSession:
         reservation = result.reservation
         self.reservation_id = reservation.id
         self.budget_id = reservation.budget_id
+        self.chain_ids = await self._ledger.chain_of(self.budget_id)
         self.grant = reservation.grant
         self.usage = self._persisted_usage = reservation.usage
         self.state = "open"
@@ -245,6 +247,17 @@ class MeterSession:
         self._send(
             pb.MeterEvent(abort=pb.MeterAbort(reason=reason, budget_id=budget_id, message=text))
         )
+
+    def alert(self, budget_id: str, threshold_pct: int, spent: int, limit: int) -> None:
+        """A budget of this stream's chain crossed an alert threshold."""
+        if self.state == "open":
+            self._send(
+                pb.MeterEvent(
+                    alert=pb.MeterAlert(
+                        budget_id=budget_id, threshold_pct=threshold_pct, spent=spent, limit=limit
+                    )
+                )
+            )
 
     def abort_externally(
         self, reason: pb.AbortReason.ValueType, budget_id: str, message: str
