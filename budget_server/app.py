@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from grpc import aio
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio names
@@ -31,6 +32,8 @@ from budget_server.events.pg_listener import listen_forever
 from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.sweeper import run_sweeper
 from budget_server.meter.registry import SessionRegistry
+from budget_server.pricing.store import seed_prices
+from budget_server.metrics import Metrics
 
 log = logging.getLogger("budgetd")
 
@@ -38,7 +41,9 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["BudgetService"].full_name,
     pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
-MESSAGE_BYTES_MAX = 1 * 1024 * 1024
+# ImportPrices takes a whole LiteLLM price file (about 3.5 MB; refused above 8 MiB with a
+# clear status), so a request may be larger than gRPC's 4 MiB default.
+MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 
 
 class BudgetServer:
@@ -55,12 +60,17 @@ class BudgetServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.sessions = SessionRegistry()
         self.events = EventBus()
+        self.metrics = Metrics()
+        self.metrics.track_open_streams(lambda: self.sessions.open_streams)
+        self.metrics_port = 0
+        self._metrics_server: Any = None
         self.events.add_listener(self.sessions.on_event)
 
     async def start(self) -> None:
         self.db = open_database(self.config.db_url, pool_size=self.config.db_pool_size)
         await upgrade_to_head(self.db)
-        self.ledger = Ledger(self.db, self.clock, self.events)
+        await seed_prices(self.db, self.clock.now_us())
+        self.ledger = Ledger(self.db, self.clock, self.events, self.metrics)
         server = aio.server(
             options=[
                 ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
@@ -87,6 +97,8 @@ class BudgetServer:
                 run_sweeper(self.ledger, self.clock, self.config.sweep_interval_s), name="sweeper"
             )
         )
+        if self.config.metrics_listen:
+            self._metrics_server, self.metrics_port = self.metrics.serve(self.config.metrics_listen)
         if not self.db.is_sqlite:
             origin = self.ledger.publisher.origin
             self._tasks.append(
@@ -115,6 +127,10 @@ class BudgetServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         if self.db is not None:
             await self.db.close()
             self.db = None

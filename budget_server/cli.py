@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight calls get on SIGTERM (default %(default)s)",
     )
     serve.add_argument(
+        "--metrics-listen",
+        default=_env("METRICS_LISTEN", defaults.metrics_listen),
+        help="host:port to serve Prometheus metrics on, e.g. 127.0.0.1:9464 "
+        "(env BUDGETD_METRICS_LISTEN; default: off)",
+    )
+    serve.add_argument(
         "--log-format",
         choices=("text", "json"),
         default=_env("LOG_FORMAT", defaults.log_format),
@@ -72,11 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(config: ServerConfig) -> int:
     server = BudgetServer(config)
     await server.start()
+    lines = [
+        f"budgetd {__version__} listening on {server.address}",
+        f"  database  {server.db.url_for_display if server.db else '?'}",
+        "  health    grpc.health.v1 and server reflection enabled",
+    ]
+    if server.metrics_port:
+        host = config.metrics_listen.rpartition(":")[0] or "127.0.0.1"
+        lines.append(f"  metrics   http://{host}:{server.metrics_port}/metrics")
+    lines.append("  stop with Ctrl-C (a second Ctrl-C forces exit)")
     print(
-        f"budgetd {__version__} listening on {server.address}\n"
-        f"  database  {server.db.url_for_display if server.db else '?'}\n"
-        f"  health    grpc.health.v1 and server reflection enabled\n"
-        f"  stop with Ctrl-C (a second Ctrl-C forces exit)",
+        "\n".join(lines),
         flush=True,
     )
     stopping = asyncio.Event()
@@ -104,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         db_url=args.db,
         sweep_interval_s=args.sweep_interval,
         shutdown_grace_s=args.shutdown_grace,
+        metrics_listen=args.metrics_listen,
         log_format=args.log_format,
         log_level=args.log_level,
     )

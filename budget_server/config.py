@@ -21,6 +21,8 @@ class ServerConfig:
     """How long in-flight calls may take to finish on SIGTERM."""
     db_pool_size: int = 10
     """PostgreSQL connections per process."""
+    metrics_listen: str = ""
+    """host:port for Prometheus metrics over HTTP (/metrics); empty = not served."""
     log_format: str = "text"
     """text or json."""
     log_level: str = "info"

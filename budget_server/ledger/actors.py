@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -22,6 +23,7 @@ from budget_server.events.publisher import EventPublisher
 from budget_server.ledger.model import Op, OpResult
 from budget_server.ledger.txn import ChainBatch, ConcurrentWrite
 from budget_server.limits import ACTOR_QUEUE_MAX, BATCH_OPS_MAX
+from budget_server.metrics import Metrics
 
 log = logging.getLogger("budgetd.actors")
 
@@ -49,6 +51,7 @@ class BudgetActor:
         on_idle: Callable[[BudgetActor], None],
         publisher: EventPublisher | None = None,
         on_batch: BatchObserver | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.budget_id = budget_id
         self.chain_ids = tuple(chain_ids)
@@ -57,6 +60,7 @@ class BudgetActor:
         self._on_idle = on_idle
         self._publisher = publisher
         self._on_batch = on_batch
+        self._metrics = metrics
         self._queue: collections.deque[Op] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -95,6 +99,7 @@ class BudgetActor:
     async def _apply(self, batch: list[Op]) -> None:
         results: Sequence[OpResult | LedgerError | BaseException]
         events: list[BudgetEvent] = []
+        started = time.perf_counter()
         try:
             results, events = await self._transact(batch)
         except LedgerError as error:  # the whole batch was refused (e.g. budget deleted)
@@ -108,6 +113,9 @@ class BudgetActor:
                 results = [exc] * len(batch)
         self.batches += 1
         self.ops += len(batch)
+        if self._metrics is not None:
+            self._metrics.sql_transaction_seconds.observe(time.perf_counter() - started)
+            self._metrics.batch_ops.observe(len(batch))
         for op, result in zip(batch, results, strict=True):
             if op.future.done():
                 continue

@@ -26,6 +26,7 @@ from budget_server.ledger.model import (
     ReserveOp,
 )
 from budget_server.ledger.outcomes import OutcomeReporter
+from budget_server.metrics import Metrics
 
 RESERVATION_CACHE_MAX = 100_000
 CHAIN_DEPTH_MAX = 16
@@ -34,12 +35,19 @@ CHAIN_DEPTH_MAX = 16
 class Ledger:
     """Routes each operation to its budget's actor and awaits the committed result."""
 
-    def __init__(self, db: Database, clock: Clock, events: EventBus | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        events: EventBus | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.db = db
         self.clock = clock
         self.events = events or EventBus()
+        self.metrics = metrics or Metrics()
         self.publisher = EventPublisher(self.events, cross_process=not db.is_sqlite)
-        self.outcomes = OutcomeReporter(self.events, clock)
+        self.outcomes = OutcomeReporter(self.events, clock, self.metrics)
         self._actors: dict[str, BudgetActor] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
         # reservation id -> budget id, so Commit/Release skip a lookup for recent reservations
@@ -110,6 +118,7 @@ class Ledger:
                     self._idle,
                     self.publisher,
                     self.outcomes.observe,
+                    self.metrics,
                 )
                 self._actors[budget_id] = actor
         actor.submit(op)
@@ -133,13 +142,15 @@ class Ledger:
     # ------------------------------------------------------------------ operations
 
     async def reserve(self, op: ReserveOp) -> OpResult:
-        return await self._submit(op.budget_id, op)
+        with self.metrics.grant_seconds.time():
+            return await self._submit(op.budget_id, op)
 
     async def charge(self, op: ChargeOp) -> OpResult:
         return await self._submit(op.budget_id, op)
 
     async def extend(self, op: ExtendOp) -> OpResult:
-        return await self._submit(await self.owner_of(op.reservation_id), op)
+        with self.metrics.grant_seconds.time():
+            return await self._submit(await self.owner_of(op.reservation_id), op)
 
     async def commit(self, op: CommitOp) -> OpResult:
         return await self._submit(await self.owner_of(op.reservation_id), op)

@@ -24,8 +24,16 @@ from budget_server.ledger.model import (
     ReleaseOp,
     ReserveOp,
 )
+from budget_server.metrics import Metrics
 
 log = logging.getLogger("budgetd.ledger")
+
+_OUTCOME_OF_KIND = {
+    "RESERVED": "granted",
+    "COMMITTED": "committed",
+    "RELEASED": "released",
+    "EXPIRED": "expired",
+}
 
 _KIND_OF_OP: dict[type[Op], str] = {
     ReserveOp: "RESERVED",
@@ -38,25 +46,32 @@ _KIND_OF_OP: dict[type[Op], str] = {
 
 
 class OutcomeReporter:
-    def __init__(self, bus: EventBus, clock: Clock) -> None:
+    def __init__(self, bus: EventBus, clock: Clock, metrics: Metrics) -> None:
         self._bus = bus
         self._clock = clock
+        self._metrics = metrics
 
     def observe(
         self, ops: Sequence[Op], results: Sequence[OpResult | LedgerError | BaseException]
     ) -> None:
         logging_info = log.isEnabledFor(logging.INFO)
         watched = self._bus.has_subscribers
-        if not (logging_info or watched):
-            return
         now_us = self._clock.now_us()
+        metrics = self._metrics
         for op, result in zip(ops, results, strict=True):
             kind = _KIND_OF_OP.get(type(op))
             if kind is None:
                 continue
             if isinstance(result, OpResult):
+                if not result.replayed and not isinstance(op, ExtendOp):
+                    metrics.reservations.labels(_OUTCOME_OF_KIND[kind]).inc()
+                for budget in result.chain:
+                    metrics.set_utilisation(budget.id, budget.spent, budget.limit)
+                if not (logging_info or watched):
+                    continue
                 self._granted_or_settled(op, kind, result, now_us, logging_info, watched)
             elif isinstance(result, BudgetExhausted) and isinstance(op, ReserveOp | ExtendOp):
+                metrics.reservations.labels("refused").inc()
                 if logging_info:
                     log.info(
                         "reservation refused",

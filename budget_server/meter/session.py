@@ -233,6 +233,7 @@ class MeterSession:
 
     def _abort(self, reason: pb.AbortReason.ValueType, budget_id: str, message: str = "") -> None:
         self.state = "aborted"
+        self._ledger.metrics.aborts.labels(pb.AbortReason.Name(reason)).inc()
         text = message or f"budget {budget_id!r} is exhausted"
         log.info(
             "meter stream aborted",
