@@ -11,6 +11,7 @@ budget in real time, and stop the response the moment the budget is gone.
 from budget_client._client import BudgetClient
 from budget_client._config import ClientConfig, FailPolicy
 from budget_client._errors import (
+    AccessDenied,
     BudgetError,
     BudgetExceeded,
     BudgetUnavailable,
@@ -23,6 +24,7 @@ from budget_client._sync import SyncBudgetClient, SyncMeter
 from budget_client._types import Budget, Committed, Reservation, Usage
 
 __all__ = [
+    "AccessDenied",
     "Budget",
     "BudgetClient",
     "BudgetError",

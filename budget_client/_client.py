@@ -21,7 +21,7 @@ from budget_client._errors import BudgetError, BudgetUnavailable, ReservationErr
 from budget_client._meter import Meter
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
-from budget_client._rpc import CHANNEL_OPTIONS, translate
+from budget_client._rpc import open_channel, translate
 from budget_client._spool import Spool, SpoolEntry
 from budget_client._types import Budget, Committed, Reservation, Usage
 
@@ -84,7 +84,7 @@ class BudgetClient:
         if self.state == "closed":
             raise RuntimeError("the BudgetClient is closed")
         if self._budget is None:
-            self._channel = grpc.aio.insecure_channel(self.config.target, options=CHANNEL_OPTIONS)
+            self._channel = open_channel(self.config)
             self._budget = pb_grpc.BudgetServiceStub(self._channel)
             self.state = "open"
             if self.spool.entries():
@@ -137,11 +137,24 @@ class BudgetClient:
         self, reservation_id: str, *, usage: Usage | None = None, amount: int = 0
     ) -> Committed:
         """Charge the actual usage (even above the grant: the tokens were spent)."""
+        return await self._commit(reservation_id, usage, amount, self.config.timeout_s)
+
+    async def _commit(
+        self,
+        reservation_id: str,
+        usage: Usage | None,
+        amount: int,
+        timeout_s: float,
+        *,
+        wait_for_ready: bool = False,
+    ) -> Committed:
         request = pb.CommitRequest(reservation_id=reservation_id, amount=amount)
         if usage is not None:
             request.usage.CopyFrom(usage.to_pb())
         stub = await self._budget_stub()
-        response = await self._call(stub.Commit, request)
+        response = await self._call(
+            stub.Commit, request, timeout_s=timeout_s, wait_for_ready=wait_for_ready
+        )
         return Committed(
             reservation=Reservation.from_pb(response.reservation),
             charged=response.charged,
@@ -188,10 +201,20 @@ class BudgetClient:
         return Budget.from_pb(response.budget)
 
     async def _call(
-        self, method: grpc.aio.UnaryUnaryMultiCallable[Request, Response], request: Request
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Request, Response],
+        request: Request,
+        *,
+        timeout_s: float | None = None,
+        wait_for_ready: bool = False,
     ) -> Response:
         try:
-            return await method(request, timeout=self.config.timeout_s, metadata=self._metadata())
+            return await method(
+                request,
+                timeout=self.config.timeout_s if timeout_s is None else timeout_s,
+                metadata=self._metadata(),
+                wait_for_ready=wait_for_ready or None,
+            )
         except grpc.aio.AioRpcError as error:
             raise translate(error) from None
 

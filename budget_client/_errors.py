@@ -3,6 +3,7 @@
     BudgetError                 anything budgetd-related; `.code` is the gRPC status or None
      ├── BudgetExceeded         a budget refused the call, or aborted the stream mid-way
      ├── BudgetUnavailable      budgetd cannot be reached and the policy is fail-closed
+     ├── AccessDenied           the API key is missing, wrong, revoked, or lacks the scope
      ├── ReservationError       the reservation is unknown or already finished
      └── InvalidRequest         budgetd refused the request as malformed (INVALID_ARGUMENT)
 
@@ -53,6 +54,13 @@ class BudgetExceeded(BudgetError):
 
 class BudgetUnavailable(BudgetError):
     """budgetd could not be reached, and the client's policy is fail-closed."""
+
+
+class AccessDenied(BudgetError):
+    """budgetd refused the API key (UNAUTHENTICATED) or its scopes (PERMISSION_DENIED).
+
+    Never masked by the fail-open policy: a wrong key is a configuration error to fix.
+    """
 
 
 class ReservationError(BudgetError):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
 from google.rpc import status_pb2
 
+from budget_client._config import ClientConfig
 from budget_client._errors import (
+    AccessDenied,
     BudgetError,
     BudgetExceeded,
     BudgetUnavailable,
@@ -23,6 +26,12 @@ UNREACHABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
 
+# Codes with which a live meter stream ends when its replica dies or the connection drops:
+# besides the unreachable ones, INTERNAL ("Internal error from Core", when a write races
+# the connection's teardown) and UNKNOWN ("Stream removed"). A stream that ends so is
+# resumed; any other code is budgetd's answer and is not retried.
+STREAM_BROKEN = UNREACHABLE | {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
 CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.lb_policy_name", "round_robin"),
     ("grpc.keepalive_time_ms", 10_000),
@@ -30,7 +39,9 @@ CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    # A restarted replica is found within a second: meter streams resume by waiting for the
+    # channel to be ready, so this bounds how long a stream runs unmetered after a restart.
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 
 
@@ -59,6 +70,8 @@ def translate(error: grpc.aio.AioRpcError) -> BudgetError:
         return BudgetError(message, code=code)  # a limit of budgetd's own, not a budget
     if code in UNREACHABLE:
         return BudgetUnavailable(f"budgetd is unreachable: {message}", code=code)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AccessDenied(message, code=code)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidRequest(message, code=code)
     if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
@@ -66,3 +79,39 @@ def translate(error: grpc.aio.AioRpcError) -> BudgetError:
             return BudgetExceeded(message, code=code)
         return ReservationError(message, code=code)
     return BudgetError(message, code=code)
+
+
+async def ended_call_error(call: grpc.aio.Call) -> BudgetError:
+    """The client exception for a call that ended before we could use it.
+
+    grpc.aio raises `asyncio.InvalidStateError` from `write()` on a call that has already
+    finished (e.g. no replica was reachable), not the AioRpcError the status carries.
+    """
+    code = await call.code()
+    if code == grpc.StatusCode.OK:  # the server ended the stream cleanly, before any reply
+        return BudgetUnavailable("budgetd ended the call before answering", code=code)
+    return translate(
+        grpc.aio.AioRpcError(
+            code,
+            await call.initial_metadata(),
+            await call.trailing_metadata(),
+            await call.details(),
+            "",
+        )
+    )
+
+
+def open_channel(config: ClientConfig) -> grpc.aio.Channel:
+    """A channel to every replica in the config, over TLS when asked for."""
+    if not (config.tls or config.tls_ca_file or config.tls_cert_file):
+        return grpc.aio.insecure_channel(config.target, options=CHANNEL_OPTIONS)
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(config.tls_ca_file),
+        private_key=read(config.tls_key_file),
+        certificate_chain=read(config.tls_cert_file),
+    )
+    return grpc.aio.secure_channel(config.target, credentials, options=CHANNEL_OPTIONS)

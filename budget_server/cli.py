@@ -55,10 +55,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight calls get on SIGTERM (default %(default)s)",
     )
     serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env("INSECURE", "") in ("1", "true", "yes"),
+        help="serve without API keys (only on a loopback address; env BUDGETD_INSECURE=1)",
+    )
+    serve.add_argument(
+        "--admin-key-file",
+        default=_env("ADMIN_KEY_FILE", defaults.admin_key_file),
+        help="where the first admin API key is written, mode 0600, when the database has "
+        "no keys yet (env BUDGETD_ADMIN_KEY_FILE; default %(default)s)",
+    )
+    serve.add_argument("--tls-cert", default=_env("TLS_CERT", ""), help="PEM certificate chain")
+    serve.add_argument("--tls-key", default=_env("TLS_KEY", ""), help="PEM private key")
+    serve.add_argument(
+        "--tls-client-ca",
+        default=_env("TLS_CLIENT_CA", ""),
+        help="PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    )
+    serve.add_argument(
         "--metrics-listen",
         default=_env("METRICS_LISTEN", defaults.metrics_listen),
         help="host:port to serve Prometheus metrics on, e.g. 127.0.0.1:9464 "
         "(env BUDGETD_METRICS_LISTEN; default: off)",
+    )
+    serve.add_argument(
+        "--webhook-poll-interval",
+        type=float,
+        default=float(_env("WEBHOOK_POLL_INTERVAL", str(defaults.webhook_poll_interval_s))),
+        help="seconds between looks at the webhook outbox; new events are sent at once "
+        "(env BUDGETD_WEBHOOK_POLL_INTERVAL; default %(default)s)",
+    )
+    serve.add_argument(
+        "--webhook-attempts",
+        type=int,
+        default=int(_env("WEBHOOK_ATTEMPTS", str(defaults.webhook_attempts_max))),
+        help="attempts per webhook event before giving up; back-off doubles from 1 s to "
+        "5 min (env BUDGETD_WEBHOOK_ATTEMPTS; default %(default)s, about an hour)",
+    )
+    serve.add_argument(
+        "--webhook-timeout",
+        type=float,
+        default=float(_env("WEBHOOK_TIMEOUT", str(defaults.webhook_timeout_s))),
+        help="seconds per webhook attempt (env BUDGETD_WEBHOOK_TIMEOUT; default %(default)s)",
+    )
+    serve.add_argument(
+        "--report-entries-max",
+        type=int,
+        default=int(_env("REPORT_ENTRIES_MAX", str(defaults.report_entries_max))),
+        help="ledger entries one usage report may read; larger ranges are refused "
+        "(env BUDGETD_REPORT_ENTRIES_MAX; default %(default)s)",
     )
     serve.add_argument(
         "--log-format",
@@ -82,7 +128,14 @@ async def serve(config: ServerConfig) -> int:
         f"budgetd {__version__} listening on {server.address}",
         f"  database  {server.db.url_for_display if server.db else '?'}",
         "  health    grpc.health.v1 and server reflection enabled",
+        "  tls       " + ("on" if config.tls_cert_file else "off (plaintext gRPC)"),
     ]
+    if config.insecure:
+        lines.append("  auth      OFF (--insecure): anyone who can connect may charge any budget")
+    elif server.admin_key_path is not None:
+        lines.append(f"  auth      API keys; the first admin key is in {server.admin_key_path}")
+    else:
+        lines.append("  auth      API keys required (authorization: Bearer ...)")
     if server.metrics_port:
         host = config.metrics_listen.rpartition(":")[0] or "127.0.0.1"
         lines.append(f"  metrics   http://{host}:{server.metrics_port}/metrics")
@@ -117,6 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep_interval_s=args.sweep_interval,
         shutdown_grace_s=args.shutdown_grace,
         metrics_listen=args.metrics_listen,
+        webhook_poll_interval_s=args.webhook_poll_interval,
+        webhook_attempts_max=args.webhook_attempts,
+        webhook_timeout_s=args.webhook_timeout,
+        report_entries_max=args.report_entries_max,
+        insecure=args.insecure,
+        admin_key_file=args.admin_key_file,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        tls_client_ca_file=args.tls_client_ca,
         log_format=args.log_format,
         log_level=args.log_level,
     )

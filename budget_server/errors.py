@@ -2,7 +2,9 @@
 
     LedgerError
      ├── InvalidArgument        INVALID_ARGUMENT     malformed input; nothing was written
-     ├── NotFound               NOT_FOUND            unknown budget or reservation
+     ├── Unauthenticated        UNAUTHENTICATED      missing, wrong or revoked API key
+ ├── PermissionDenied       PERMISSION_DENIED    the key lacks the scope for this budget
+ ├── NotFound               NOT_FOUND            unknown budget or reservation
      ├── AlreadyExists          ALREADY_EXISTS       budget id taken
      ├── FailedPrecondition     FAILED_PRECONDITION  frozen budget, finished reservation, ...
      ├── BudgetExhausted        RESOURCE_EXHAUSTED   a HARD budget in the chain has too little left
@@ -26,6 +28,14 @@ class LedgerError(Exception):
 
 class InvalidArgument(LedgerError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Unauthenticated(LedgerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(LedgerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class NotFound(LedgerError):

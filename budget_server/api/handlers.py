@@ -49,15 +49,25 @@ _HANDLER_FACTORIES = {
 }
 
 
-def add_servicer(server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor) -> None:
-    """Register every method of `service` implemented by `servicer`."""
+def add_servicer(
+    server: grpc.aio.Server,
+    servicer: Any,
+    service: ServiceDescriptor,
+    guard: Callable[[str, str, Any, tuple[bool, bool]], Any] | None = None,
+) -> None:
+    """Register every method of `service` implemented by `servicer`, each behind `guard`
+    (authentication and scopes) when one is given."""
     handlers = {}
     for method in service.methods:
         request_cls: type[Message] = getattr(pb, method.input_type.name)
         response_cls: type[Message] = getattr(pb, method.output_type.name)
-        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        streaming = (method.client_streaming, method.server_streaming)
+        factory = _HANDLER_FACTORIES[streaming]
+        handler = getattr(servicer, method.name)
+        if guard is not None:
+            handler = guard(service.name, method.name, handler, streaming)
         handlers[method.name] = factory(
-            getattr(servicer, method.name),
+            handler,
             request_deserializer=_tolerant_decoder(request_cls),
             response_serializer=response_cls.SerializeToString,
         )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from budget_server.ctl.commands import Result
 from budget_server.ctl.failures import EXIT_ERROR, EXIT_INTERRUPTED, CtlError, UsageError
 from budget_server.ctl.parser import build_parser
-from budget_server.ctl.rpc import connect
+from budget_server.ctl.rpc import api_key_from, connect
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,7 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
     try:
-        with connect(str(args.server), float(args.timeout)) as admin:
+        with connect(
+            str(args.server),
+            float(args.timeout),
+            api_key=api_key_from(str(args.api_key), str(args.api_key_file)),
+            tls=bool(args.tls),
+            tls_ca_file=str(args.tls_ca),
+        ) as admin:
             result: Result = args.run(admin, args)
     except UsageError as error:
         args.command_parser.print_usage(sys.stderr)

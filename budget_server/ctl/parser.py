@@ -16,11 +16,12 @@ import os
 import textwrap
 from typing import Final
 
-from budget_server.ctl import commands
+from budget_server.ctl import commands, keys_cmd, prices_cmd, report_cmd, webhooks_cmd
 from budget_server.ctl.rpc import TIMEOUT_DEFAULT_S
 from budget_server.ctl.times import parse_time
 
 SERVER_DEFAULT: Final = "127.0.0.1:50051"
+API_KEY_FILE_DEFAULT: Final = "budgetd-admin.key"
 ROWS_DEFAULT: Final = 100
 THRESHOLD_PCT_MAX: Final = 1000
 DESCRIPTION_WIDTH: Final = 88
@@ -104,6 +105,31 @@ def _global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> None
         metavar="HOST:PORT",
         default=default(os.environ.get("BUDGETD_SERVER", SERVER_DEFAULT)),
         help=f"budgetd's address (env BUDGETD_SERVER; default {SERVER_DEFAULT})",
+    )
+    group.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=default(os.environ.get("BUDGETD_API_KEY", "")),
+        help="API key (env BUDGETD_API_KEY; default: the key in --api-key-file)",
+    )
+    group.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        default=default(os.environ.get("BUDGETD_API_KEY_FILE", API_KEY_FILE_DEFAULT)),
+        help="file holding the API key, e.g. the admin key budgetd wrote on first start "
+        f"(env BUDGETD_API_KEY_FILE; default {API_KEY_FILE_DEFAULT}, used if it exists)",
+    )
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="connect over TLS, trusting the system's CAs (or --tls-ca)",
+    )
+    group.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        default=default(os.environ.get("BUDGETD_TLS_CA", "")),
+        help="CA bundle to trust for budgetd's certificate (implies --tls)",
     )
     group.add_argument(
         "--timeout",
@@ -356,4 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reservations(top)
     _add_ledger(top)
     _add_verify(top)
+    prices_cmd.add_parser(top)
+    keys_cmd.add_parser(top)
+    report_cmd.add_parser(top)
+    webhooks_cmd.add_parser(top)
     return parser

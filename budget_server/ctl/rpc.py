@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Final, TypeVar
 
 import grpc
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
-from budget_server.ctl.failures import CtlError, from_rpc_error
+from budget_server.ctl.failures import CtlError, Unreachable, from_rpc_error
 
 TIMEOUT_DEFAULT_S: Final = 10.0
 PAGE_SIZE_MAX: Final = 1000
@@ -32,16 +33,23 @@ Item = TypeVar("Item")
 class Admin:
     """The AdminService calls budgetctl makes, each with the deadline and error mapping."""
 
-    def __init__(self, channel: grpc.Channel, server: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        server: str,
+        timeout_s: float,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self._stub = pb_grpc.AdminServiceStub(channel)
         self.server = server
         self.timeout_s = timeout_s
+        self.metadata = metadata
 
     def _call(
         self, method: grpc.UnaryUnaryMultiCallable[Request, Response], request: Request
     ) -> Response:
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error, self.server) from None
 
@@ -105,10 +113,38 @@ class Admin:
 
 
 @contextmanager
-def connect(server: str, timeout_s: float = TIMEOUT_DEFAULT_S) -> Iterator[Admin]:
+def connect(
+    server: str,
+    timeout_s: float = TIMEOUT_DEFAULT_S,
+    *,
+    api_key: str = "",
+    tls: bool = False,
+    tls_ca_file: str = "",
+) -> Iterator[Admin]:
     """A channel to budgetd; connecting happens at the first call, under its deadline."""
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    if tls or tls_ca_file:
+        try:
+            root = Path(tls_ca_file).read_bytes() if tls_ca_file else None
+        except OSError as exc:
+            raise Unreachable(f"cannot read the CA bundle {tls_ca_file!r}: {exc.strerror}") from exc
+        credentials = grpc.ssl_channel_credentials(root_certificates=root)
+        with grpc.secure_channel(server, credentials) as channel:
+            yield Admin(channel, server, timeout_s, metadata)
+        return
     with grpc.insecure_channel(server) as channel:
-        yield Admin(channel, server, timeout_s)
+        yield Admin(channel, server, timeout_s, metadata)
+
+
+def api_key_from(key: str, key_file: str) -> str:
+    """The key given, else the one in key_file when that file exists (budgetd's admin key)."""
+    if key:
+        return key
+    path = Path(key_file)
+    try:
+        return path.read_text().strip() if key_file and path.is_file() else ""
+    except OSError:
+        return ""
 
 
 def collect(

@@ -185,3 +185,15 @@ webhook_deliveries = Table(
     UniqueConstraint("webhook_id", "event_id"),
     Index(None, "delivered_at_us", "failed", "next_attempt_us"),
 )
+
+# API keys: only a hash of the secret is stored; the id is the public part of the key.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("scopes", Text, nullable=False),  # JSON list
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("revoked_at_us", BigInteger, nullable=False),  # 0 while valid
+)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from budget_server.events.model import BudgetEvent
+from budget_server.events.model import KIND_VALUES, BudgetEvent
 
 log = logging.getLogger("budgetd.events")
 
@@ -29,7 +29,9 @@ class Subscription:
         self.lagged = False
 
     def offer(self, event: BudgetEvent) -> None:
-        if not event.budget_id.startswith(self.prefix) or self.lagged:
+        if event.kind not in KIND_VALUES or self.lagged:
+            return  # internal events (e.g. KEY_REVOKED) are for this process only
+        if not event.budget_id.startswith(self.prefix):
             return
         try:
             self._queue.put_nowait(event)

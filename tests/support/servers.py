@@ -52,8 +52,13 @@ class ServerProcess:
         return await asyncio.wait_for(self.process.wait(), timeout_s)
 
 
-async def start_server_process(db_url: str, *extra_args: str, port: int = 0) -> ServerProcess:
-    """Run `budgetd serve` and wait for its banner; it listens on a free loopback port."""
+async def start_server_process(
+    db_url: str, *extra_args: str, port: int = 0, insecure: bool = True
+) -> ServerProcess:
+    """Run `budgetd serve` and wait for its banner; it listens on a free loopback port
+    (without API keys unless `insecure=False`: tests/test_auth.py covers keys)."""
+    if insecure:
+        extra_args = ("--insecure", *extra_args)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -91,12 +96,12 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 
 @asynccontextmanager
 async def server_processes(
-    db_url: str, count: int, *extra_args: str
+    db_url: str, count: int, *extra_args: str, insecure: bool = True
 ) -> AsyncIterator[list[ServerProcess]]:
     servers: list[ServerProcess] = []
     try:
         for _ in range(count):  # one at a time: each runs the migrations on start
-            servers.append(await start_server_process(db_url, *extra_args))
+            servers.append(await start_server_process(db_url, *extra_args, insecure=insecure))
         yield servers
     finally:
         for server in servers:

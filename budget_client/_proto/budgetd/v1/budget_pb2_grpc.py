@@ -465,6 +465,21 @@ class AdminServiceStub:
                 request_serializer=budgetd_dot_v1_dot_budget__pb2.DeleteWebhookRequest.SerializeToString,
                 response_deserializer=budgetd_dot_v1_dot_budget__pb2.DeleteWebhookResponse.FromString,
                 _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/budgetd.v1.AdminService/CreateKey',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/budgetd.v1.AdminService/ListKeys',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/budgetd.v1.AdminService/RevokeKey',
+                request_serializer=budgetd_dot_v1_dot_budget__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=budgetd_dot_v1_dot_budget__pb2.RevokeKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -590,6 +605,24 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -692,6 +725,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteWebhook,
                     request_deserializer=budgetd_dot_v1_dot_budget__pb2.DeleteWebhookRequest.FromString,
                     response_serializer=budgetd_dot_v1_dot_budget__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.CreateKeyRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.ListKeysRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=budgetd_dot_v1_dot_budget__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=budgetd_dot_v1_dot_budget__pb2.RevokeKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1234,6 +1282,87 @@ class AdminService:
             '/budgetd.v1.AdminService/DeleteWebhook',
             budgetd_dot_v1_dot_budget__pb2.DeleteWebhookRequest.SerializeToString,
             budgetd_dot_v1_dot_budget__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/CreateKey',
+            budgetd_dot_v1_dot_budget__pb2.CreateKeyRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/ListKeys',
+            budgetd_dot_v1_dot_budget__pb2.ListKeysRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/budgetd.v1.AdminService/RevokeKey',
+            budgetd_dot_v1_dot_budget__pb2.RevokeKeyRequest.SerializeToString,
+            budgetd_dot_v1_dot_budget__pb2.RevokeKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -132,6 +132,9 @@ class AdminServiceStub:
     CreateWebhook: _grpc.UnaryUnaryMultiCallable[_budget_pb2.CreateWebhookRequest, _budget_pb2.CreateWebhookResponse]
     ListWebhooks: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ListWebhooksRequest, _budget_pb2.ListWebhooksResponse]
     DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_budget_pb2.DeleteWebhookRequest, _budget_pb2.DeleteWebhookResponse]
+    CreateKey: _grpc.UnaryUnaryMultiCallable[_budget_pb2.CreateKeyRequest, _budget_pb2.CreateKeyResponse]
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ListKeysRequest, _budget_pb2.ListKeysResponse]
+    RevokeKey: _grpc.UnaryUnaryMultiCallable[_budget_pb2.RevokeKeyRequest, _budget_pb2.RevokeKeyResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -156,6 +159,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CreateWebhook: _aio.UnaryUnaryMultiCallable[_budget_pb2.CreateWebhookRequest, _budget_pb2.CreateWebhookResponse]  # type: ignore[assignment]
     ListWebhooks: _aio.UnaryUnaryMultiCallable[_budget_pb2.ListWebhooksRequest, _budget_pb2.ListWebhooksResponse]  # type: ignore[assignment]
     DeleteWebhook: _aio.UnaryUnaryMultiCallable[_budget_pb2.DeleteWebhookRequest, _budget_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
+    CreateKey: _aio.UnaryUnaryMultiCallable[_budget_pb2.CreateKeyRequest, _budget_pb2.CreateKeyResponse]  # type: ignore[assignment]
+    ListKeys: _aio.UnaryUnaryMultiCallable[_budget_pb2.ListKeysRequest, _budget_pb2.ListKeysResponse]  # type: ignore[assignment]
+    RevokeKey: _aio.UnaryUnaryMultiCallable[_budget_pb2.RevokeKeyRequest, _budget_pb2.RevokeKeyResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -297,5 +303,26 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _budget_pb2.DeleteWebhookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.DeleteWebhookResponse, _abc.Awaitable[_budget_pb2.DeleteWebhookResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateKey(
+        self,
+        request: _budget_pb2.CreateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.CreateKeyResponse, _abc.Awaitable[_budget_pb2.CreateKeyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _budget_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.ListKeysResponse, _abc.Awaitable[_budget_pb2.ListKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeKey(
+        self,
+        request: _budget_pb2.RevokeKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.RevokeKeyResponse, _abc.Awaitable[_budget_pb2.RevokeKeyResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,1 @@
+"""API keys and scopes: who may charge or read which budgets."""
