@@ -20,7 +20,6 @@ from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
 from budget_server.app import BudgetServer
 from budget_server.config import ServerConfig
 from budget_server.errors import InvalidArgument
-from tests.support.ledger import create
 from tests.support.servers import Stubs, server_processes, stubs
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
