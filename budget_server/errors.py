@@ -6,7 +6,8 @@
  ├── PermissionDenied       PERMISSION_DENIED    the key lacks the scope for this budget
  ├── NotFound               NOT_FOUND            unknown budget or reservation
      ├── AlreadyExists          ALREADY_EXISTS       budget id taken
-     ├── FailedPrecondition     FAILED_PRECONDITION  frozen budget, finished reservation, ...
+     ├── FailedPrecondition     FAILED_PRECONDITION  finished reservation, ...
+ │    └── BudgetFrozen                            a budget in the chain is frozen
      ├── BudgetExhausted        RESOURCE_EXHAUSTED   a HARD budget in the chain has too little left
      ├── Overloaded             RESOURCE_EXHAUSTED   a queue bound was hit
      └── Unavailable            UNAVAILABLE          the database could not be reached; retry
@@ -48,6 +49,14 @@ class AlreadyExists(LedgerError):
 
 class FailedPrecondition(LedgerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class BudgetFrozen(FailedPrecondition):
+    """A budget in the chain is frozen; names which one, for the stream's abort."""
+
+    def __init__(self, budget_id: str) -> None:
+        super().__init__(f"budget {budget_id!r} is frozen")
+        self.budget_id = budget_id
 
 
 class Overloaded(LedgerError):

@@ -104,6 +104,8 @@ async def test_alerts_reach_open_meter_streams_and_freeze_aborts_them(api: Stubs
     assert event.WhichOneof("event") == "alert"
     assert (event.alert.budget_id, event.alert.threshold_pct) == ("alert:org", 50)
 
+    watcher = _Watcher(api, "alert:")
+    await asyncio.sleep(0.05)
     loop = asyncio.get_running_loop()
     frozen_at = loop.time()
     await api.admin.FreezeBudget(pb.FreezeBudgetRequest(id="alert:org", reason="incident 42"))
@@ -112,6 +114,13 @@ async def test_alerts_reach_open_meter_streams_and_freeze_aborts_them(api: Stubs
     assert event.abort.reason == pb.ABORT_REASON_FROZEN
     assert event.abort.budget_id == "alert:org"
     assert "incident 42" in event.abort.message
+    try:
+        (frozen,) = await watcher.wait_for(pb.BUDGET_EVENT_KIND_FROZEN)
+        (aborted,) = await watcher.wait_for(pb.BUDGET_EVENT_KIND_ABORTED)
+        assert frozen.budget_id == aborted.budget_id == "alert:org"
+        assert aborted.reservation_id == opened.opened.reservation_id
+    finally:
+        watcher.close()
     await call.write(pb.MeterRequest(finish=pb.MeterFinish()))
     assert (await call.read()).WhichOneof("event") == "committed"
     await api.admin.UnfreezeBudget(pb.UnfreezeBudgetRequest(id="alert:org"))

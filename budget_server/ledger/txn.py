@@ -29,6 +29,7 @@ from budget_server.db.schema import (
 )
 from budget_server.errors import (
     BudgetExhausted,
+    BudgetFrozen,
     FailedPrecondition,
     InvalidArgument,
     LedgerError,
@@ -57,7 +58,7 @@ from budget_server.ledger.model import (
 from budget_server.ledger.prices import load_prices
 from budget_server.ledger.usage import ZERO_USAGE, Price, Usage, cost
 from budget_server.ledger.windows import window_bounds
-from budget_server.limits import AMOUNT_MAX
+from budget_server.limits import AMOUNT_MAX, INT64_MAX
 
 # Operations on an existing reservation, which the batch loads before deciding.
 RESERVATION_OPS = (ExtendOp, CommitOp, ReleaseOp, ExpireOp, RecordUsageOp)
@@ -293,24 +294,38 @@ class ChainBatch:
     def _amounts(
         self, amount: int, estimate: Usage | None, model: str, what: str
     ) -> dict[str, int]:
-        """What an amount or a usage estimate means in each budget's own unit."""
+        """What an amount or a usage estimate means in each budget's own unit.
+
+        Bounded here, once for grants and charges alike: no amount above AMOUNT_MAX, and
+        no running figure pushed past int64 (a BIGINT overflow would fail the whole batch).
+        """
         if estimate is not None:
-            return {b.id: cost(b.unit, estimate, self.prices.get(model), model) for b in self.chain}
-        units = {b.unit for b in self.chain}
-        if len(units) > 1:
-            raise InvalidArgument(
-                f"the budgets of {self.chain_ids[-1]!r} mix units ({', '.join(sorted(units))}); "
-                f"give the {what} as token usage with a model so each is charged in its own unit"
-            )
-        return dict.fromkeys(self.chain_ids, amount)
+            amounts = {
+                b.id: cost(b.unit, estimate, self.prices.get(model), model) for b in self.chain
+            }
+        else:
+            units = {b.unit for b in self.chain}
+            if len(units) > 1:
+                raise InvalidArgument(
+                    f"the budgets of {self.chain_ids[-1]!r} mix units "
+                    f"({', '.join(sorted(units))}); give the {what} as token usage with a model "
+                    "so each is charged in its own unit"
+                )
+            amounts = dict.fromkeys(self.chain_ids, amount)
+        for budget in self.chain:
+            value = amounts[budget.id]
+            if value > AMOUNT_MAX or budget.spent + budget.reserved + value > INT64_MAX:
+                raise InvalidArgument(
+                    f"the {what} comes to {value} {budget.unit.lower()} on budget {budget.id!r}, "
+                    f"beyond what a ledger figure can hold (AMOUNT_MAX = {AMOUNT_MAX})"
+                )
+        return amounts
 
     def _check_grant(self, amounts: dict[str, int]) -> None:
         for budget in self.chain:  # root-first: the error names the highest refusing budget
             if budget.frozen:
-                raise FailedPrecondition(f"budget {budget.id!r} is frozen")
+                raise BudgetFrozen(budget.id)
             wanted = amounts[budget.id]
-            if wanted > AMOUNT_MAX or budget.spent + budget.reserved + wanted > 2**63 - 1:
-                raise InvalidArgument(f"amount {wanted} would overflow budget {budget.id!r}")
             if budget.mode == "HARD" and wanted > budget.limit - budget.spent - budget.reserved:
                 raise BudgetExhausted(budget.id, wanted, budget.available, budget.unit)
 
@@ -469,11 +484,15 @@ class ChainBatch:
         if (refusing := self._affordable(extra(low))) is not None:
             budget = self.by_id[refusing]
             if budget.frozen:
-                raise FailedPrecondition(f"budget {budget.id!r} is frozen")
+                raise BudgetFrozen(budget.id)
             raise BudgetExhausted(budget.id, extra(low)[refusing], budget.available, budget.unit)
         while low < high:
             middle = (low + high + 1) // 2
-            if self._affordable(extra(middle)) is None:
+            try:
+                fits = self._affordable(extra(middle)) is None
+            except InvalidArgument:  # beyond AMOUNT_MAX: certainly more than any budget has
+                fits = False
+            if fits:
                 low = middle
             else:
                 high = middle - 1

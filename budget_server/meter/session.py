@@ -20,11 +20,13 @@ from budget_server import validation
 from budget_server.api.convert import budget_to_pb, reservation_to_pb, usage_to_pb
 from budget_server.errors import (
     BudgetExhausted,
+    BudgetFrozen,
     FailedPrecondition,
     InvalidArgument,
     LedgerError,
     NotFound,
 )
+from budget_server.events.model import BudgetEvent, new_event_id
 from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.model import (
     CommitOp,
@@ -199,12 +201,13 @@ class MeterSession:
             )
         except BudgetExhausted as refused:
             self._capped_by = refused.budget_id
-        except FailedPrecondition as refused:
+        except BudgetFrozen as frozen:
             self._extension = None
-            if "frozen" in str(refused):
-                self._abort(pb.ABORT_REASON_FROZEN, self.budget_id, str(refused))
-            else:
-                self._abort(pb.ABORT_REASON_EXPIRED, self.budget_id, str(refused))
+            self._abort(pb.ABORT_REASON_FROZEN, frozen.budget_id, str(frozen))
+            return
+        except FailedPrecondition as refused:  # finished or expired under us
+            self._extension = None
+            self._abort(pb.ABORT_REASON_EXPIRED, self.budget_id, str(refused))
             return
         except LedgerError as error:
             log.warning("meter extension failed: %s", error)
@@ -248,6 +251,18 @@ class MeterSession:
         self._send(
             pb.MeterEvent(abort=pb.MeterAbort(reason=reason, budget_id=budget_id, message=text))
         )
+        if self._ledger.events.has_subscribers:
+            self._ledger.events.publish(
+                BudgetEvent(
+                    id=new_event_id(),
+                    kind="ABORTED",
+                    budget_id=budget_id,
+                    at_us=self._ledger.clock.now_us(),
+                    reservation_id=self.reservation_id,
+                    amount=self.usage.output_tokens,
+                    message=f"{pb.AbortReason.Name(reason)}: {text}",
+                )
+            )
 
     def alert(self, budget_id: str, threshold_pct: int, spent: int, limit: int) -> None:
         """A budget of this stream's chain crossed an alert threshold."""
