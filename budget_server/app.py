@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 from grpc import aio
@@ -23,6 +24,9 @@ from budget_server.api.admin_service import AdminService
 from budget_server.api.budget_service import BudgetService
 from budget_server.api.handlers import add_servicer
 from budget_server.api.meter_stream import MeterStreams
+from budget_server.auth.guard import Guard
+from budget_server.auth.store import KeyStore
+from budget_server.auth.transport import require_loopback, server_credentials
 from budget_server.clock import Clock, SystemClock
 from budget_server.config import ServerConfig
 from budget_server.db.engine import Database, open_database
@@ -32,8 +36,9 @@ from budget_server.events.pg_listener import listen_forever
 from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.sweeper import run_sweeper
 from budget_server.meter.registry import SessionRegistry
-from budget_server.pricing.store import seed_prices
 from budget_server.metrics import Metrics
+from budget_server.pricing.store import seed_prices
+from budget_server.webhooks import DeliveryPolicy, DeliveryWorker, WebhookDirectory, outbox_writer
 
 log = logging.getLogger("budgetd")
 
@@ -58,19 +63,35 @@ class BudgetServer:
         self._server: aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
-        self.sessions = SessionRegistry()
+        policy = config.grant_policy
+        self.sessions = SessionRegistry(policy.streams_max, policy.streams_per_key_max)
         self.events = EventBus()
         self.metrics = Metrics()
         self.metrics.track_open_streams(lambda: self.sessions.open_streams)
         self.metrics_port = 0
+        self.admin_key_path: Path | None = None
+        self.webhooks: WebhookDirectory | None = None
+        self.webhook_worker: DeliveryWorker | None = None
         self._metrics_server: Any = None
         self.events.add_listener(self.sessions.on_event)
 
     async def start(self) -> None:
+        if self.config.insecure:
+            require_loopback(self.config.listen)
         self.db = open_database(self.config.db_url, pool_size=self.config.db_pool_size)
         await upgrade_to_head(self.db)
         await seed_prices(self.db, self.clock.now_us())
         self.ledger = Ledger(self.db, self.clock, self.events, self.metrics)
+        # Read before serving, so events from the first call already reach the webhooks.
+        self.webhooks = WebhookDirectory(self.db)
+        await self.webhooks.refresh()
+        self.ledger.publisher.outbox = outbox_writer(self.webhooks)
+        self.keys = KeyStore(self.db, self.clock, self.ledger.publisher)
+        if not self.config.insecure:
+            self.admin_key_path = await self.keys.bootstrap_admin_key(
+                Path(self.config.admin_key_file)
+            )
+        guard = Guard(None if self.config.insecure else self.keys, self.ledger)
         server = aio.server(
             options=[
                 ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
@@ -79,13 +100,22 @@ class BudgetServer:
         )
         services = pb.DESCRIPTOR.services_by_name
         meter = MeterStreams(self.ledger, self.config.grant_policy, self.sessions)
-        add_servicer(server, BudgetService(self.ledger, meter), services["BudgetService"])
-        add_servicer(server, AdminService(self.ledger, self.events), services["AdminService"])
+        add_servicer(
+            server, BudgetService(self.ledger, meter), services["BudgetService"], guard.wrap
+        )
+        admin = AdminService(self.ledger, self.events, self.keys)
+        admin.webhooks = self.webhooks
+        admin.report_entries_max = self.config.report_entries_max
+        add_servicer(server, admin, services["AdminService"], guard.wrap)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(self.config.listen)
+        credentials = server_credentials(self.config)
+        if credentials is None:
+            self.port = server.add_insecure_port(self.config.listen)
+        else:
+            self.port = server.add_secure_port(self.config.listen, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         await server.start()
@@ -97,6 +127,19 @@ class BudgetServer:
                 run_sweeper(self.ledger, self.clock, self.config.sweep_interval_s), name="sweeper"
             )
         )
+        self.webhook_worker = DeliveryWorker(
+            self.db,
+            self.clock,
+            self.webhooks,
+            policy=DeliveryPolicy(
+                attempts_max=self.config.webhook_attempts_max,
+                timeout_s=self.config.webhook_timeout_s,
+            ),
+            poll_interval_s=self.config.webhook_poll_interval_s,
+            bus=self.events,
+        )
+        self._tasks.append(asyncio.create_task(self.webhook_worker.run(), name="webhooks"))
+        self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhook-directory"))
         if self.config.metrics_listen:
             self._metrics_server, self.metrics_port = self.metrics.serve(self.config.metrics_listen)
         if not self.db.is_sqlite:

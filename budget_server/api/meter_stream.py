@@ -20,6 +20,7 @@ from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.api.convert import usage_from_pb
 from budget_server.api.handlers import MalformedRequest
 from budget_server.api.status import abort
+from budget_server.auth.guard import current_key_id
 from budget_server.errors import InvalidArgument, LedgerError
 from budget_server.ledger.ledger import Ledger
 from budget_server.meter.policy import GrantPolicy
@@ -44,6 +45,11 @@ class MeterStreams:
         requests: AsyncIterator[pb.MeterRequest | MalformedRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.MeterEvent]:
+        key_id = current_key_id.get()
+        try:
+            self.registry.admit(key_id)
+        except LedgerError as error:
+            await abort(context, error)
         outbox: asyncio.Queue[pb.MeterEvent | LedgerError | object] = asyncio.Queue()
         session = MeterSession(self._ledger, self._policy, outbox.put_nowait)
         reader = asyncio.create_task(self._read(requests, session, outbox))
@@ -61,6 +67,7 @@ class MeterStreams:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             self.registry.remove(session)
+            self.registry.release(key_id)
             # Shielded: a cancelled call must still leave the reservation resumable and its
             # last usage on record.
             await asyncio.shield(session.close())

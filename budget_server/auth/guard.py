@@ -8,6 +8,7 @@ on its `open` message, before anything is reserved.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,9 @@ from budget_server.errors import LedgerError, PermissionDenied, Unauthenticated
 from budget_server.ledger.ledger import Ledger
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+# The caller of the Meter stream being served, for per-key stream limits.
+current_key_id: contextvars.ContextVar[str] = contextvars.ContextVar("budgetd_key_id", default="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +156,8 @@ class Guard:
                 principal = await self.principal(context)
             except LedgerError as error:
                 await abort(context, error)
+            if principal is not None:
+                current_key_id.set(principal.key_id)
             async for item in handler(self._checked_open(requests, principal, rule), context):
                 yield item
 

@@ -23,6 +23,13 @@ class GrantPolicy:
     """Expiry of a live stream's reservation; refreshed while the stream lives."""
     heartbeat_ms: int = 5_000
     """How often a live stream persists its usage and pushes its expiry."""
+    usage_messages_per_s_max: int = 2_000
+    """Usage messages one stream may send per second (with a burst of twice that); a
+    provider streams at most a few hundred chunks a second, so more is a broken client."""
+    streams_max: int = 20_000
+    """Meter streams open in one process at once."""
+    streams_per_key_max: int = 2_000
+    """Meter streams open at once with one API key (in one process)."""
     resume_window_ms: int = 10_000
     """How long a broken stream's reservation waits for the client to resume it before the
     sweeper charges it at its last usage."""

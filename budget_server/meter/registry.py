@@ -6,13 +6,41 @@ from __future__ import annotations
 from collections import defaultdict
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
+from budget_server.errors import Overloaded
 from budget_server.events.model import BudgetEvent
 from budget_server.meter.session import MeterSession
 
 
 class SessionRegistry:
-    def __init__(self) -> None:
+    def __init__(self, streams_max: int = 20_000, streams_per_key_max: int = 2_000) -> None:
         self._by_budget: defaultdict[str, set[MeterSession]] = defaultdict(set)
+        self._streams_max = streams_max
+        self._streams_per_key_max = streams_per_key_max
+        self._admitted = 0
+        self._admitted_by_key: defaultdict[str, int] = defaultdict(int)
+
+    def admit(self, key_id: str) -> None:
+        """Take a stream slot before anything is reserved, or refuse naming the limit."""
+        if self._admitted >= self._streams_max:
+            raise Overloaded(
+                f"this budgetd process has {self._streams_max} meter streams open "
+                "(streams_max); retry on another replica or later"
+            )
+        if key_id and self._admitted_by_key[key_id] >= self._streams_per_key_max:
+            raise Overloaded(
+                f"API key {key_id} has {self._streams_per_key_max} meter streams open here "
+                "(streams_per_key_max)"
+            )
+        self._admitted += 1
+        if key_id:
+            self._admitted_by_key[key_id] += 1
+
+    def release(self, key_id: str) -> None:
+        self._admitted -= 1
+        if key_id:
+            self._admitted_by_key[key_id] -= 1
+            if not self._admitted_by_key[key_id]:
+                del self._admitted_by_key[key_id]
 
     def add(self, session: MeterSession) -> None:
         self._by_budget[session.budget_id].add(session)

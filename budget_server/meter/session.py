@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -25,6 +26,7 @@ from budget_server.errors import (
     InvalidArgument,
     LedgerError,
     NotFound,
+    Overloaded,
 )
 from budget_server.events.model import BudgetEvent, new_event_id
 from budget_server.ledger.ledger import Ledger
@@ -63,6 +65,9 @@ class MeterSession:
         self._persisted_usage = ZERO_USAGE
         self._capped_by = ""  # the budget that could not give more at the last extension
         self._extension: asyncio.Task[None] | None = None
+        # Token bucket for usage messages: full at start, refilled at the policy's rate.
+        self._allowance = float(2 * policy.usage_messages_per_s_max)
+        self._allowance_at = time.monotonic()
         self._heartbeat: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ open
@@ -138,6 +143,7 @@ class MeterSession:
         """Take a cumulative usage report; memory only, unless the grant must grow."""
         if self.state not in ("open", "aborted"):
             raise FailedPrecondition("usage sent after the stream finished")
+        self._take_allowance()
         if not usage.covers(self.usage):
             raise InvalidArgument(
                 "usage went backwards (counts are cumulative): "
@@ -147,6 +153,18 @@ class MeterSession:
         self.usage = usage
         if self.state == "open":
             self._check_grant()
+
+    def _take_allowance(self) -> None:
+        rate = self._policy.usage_messages_per_s_max
+        now = time.monotonic()
+        self._allowance = min(2.0 * rate, self._allowance + (now - self._allowance_at) * rate)
+        self._allowance_at = now
+        if self._allowance < 1:
+            raise Overloaded(
+                f"usage messages arrive faster than {rate}/s on this stream "
+                "(usage_messages_per_s_max); counts are cumulative, so send them less often"
+            )
+        self._allowance -= 1
 
     def _at_edge(self) -> bool:
         """Whether the next token would be beyond the grant."""
