@@ -170,7 +170,11 @@ class MeteredAsyncStream:
                 done, _ = await asyncio.wait(
                     (step, abort_wait), return_when=asyncio.FIRST_COMPLETED
                 )
-                if step not in done:
+                if abort_wait in done:
+                    # The abort wins even over chunks already buffered: those tokens were
+                    # produced (count them), but the app must not read on past the budget.
+                    if step.done() and not step.cancelled() and step.exception() is None:
+                        count_chunk(self.meter, step.result())
                     # Cancelling the read drops the connection; close() makes sure of it.
                     step.cancel()
                     with contextlib.suppress(BaseException):

@@ -28,6 +28,7 @@ from budget_server.metrics import Metrics
 log = logging.getLogger("budgetd.actors")
 
 CONFLICT_RETRIES_MAX = 8
+INTEGRITY_RETRIES_MAX = 2
 
 # Sees every batch after it committed (events for watchers, logs, metrics).
 BatchObserver = Callable[[Sequence[Op], Sequence[OpResult | LedgerError | BaseException]], None]
@@ -131,6 +132,7 @@ class BudgetActor:
     async def _transact(
         self, batch: list[Op]
     ) -> tuple[list[OpResult | LedgerError], list[BudgetEvent]]:
+        integrity_failures = 0
         for _attempt in range(CONFLICT_RETRIES_MAX):
             try:
                 async with self._db.write() as conn:
@@ -141,7 +143,14 @@ class BudgetActor:
                     results = [txn.apply(op) for op in batch]
                     await txn.flush()
                 return results, txn.events
-            except (ConcurrentWrite, IntegrityError) as exc:
+            except ConcurrentWrite as exc:
                 log.info("write conflict on %s (%s); retrying batch", self.budget_id, exc)
+                await asyncio.sleep(0)
+            except IntegrityError:
+                # Another process inserted the same idempotency key first: the next read
+                # finds its reservation. Anything else repeats, and is a bug to surface.
+                integrity_failures += 1
+                if integrity_failures > INTEGRITY_RETRIES_MAX:
+                    raise
                 await asyncio.sleep(0)
         raise Unavailable(f"budget {self.budget_id!r} is too contended; retry")

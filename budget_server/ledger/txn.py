@@ -403,6 +403,7 @@ class ChainBatch:
             finished_at_us=0,
             is_new=True,
         )
+        res.holds = dict.fromkeys(self.chain_ids, 0)  # nothing was granted: all of it is overage
         self._remember(res)
         commit = CommitOp(
             reservation_id=res.id,
@@ -680,19 +681,18 @@ class ChainBatch:
                     for r in new
                 ],
             )
-            await self.conn.execute(
-                insert(reservation_holds),
-                [
-                    {
-                        "reservation_id": r.id,
-                        "budget_id": budget_id,
-                        "held": held,
-                        "charged": r.charges.get(budget_id, 0),
-                    }
-                    for r in new
-                    for budget_id, held in r.holds.items()
-                ],
-            )
+            hold_rows = [
+                {
+                    "reservation_id": r.id,
+                    "budget_id": budget_id,
+                    "held": held,
+                    "charged": r.charges.get(budget_id, 0),
+                }
+                for r in new
+                for budget_id, held in r.holds.items()
+            ]
+            ledger_assert(len(hold_rows) >= len(new), "a new reservation has no holds")
+            await self.conn.execute(insert(reservation_holds), hold_rows)
 
         changed = [
             r

@@ -49,7 +49,9 @@ def open_request(
     )
 
 
-def usage_request(input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> pb.MeterRequest:
+def usage_request(
+    input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+) -> pb.MeterRequest:
     return pb.MeterRequest(
         usage=pb.MeterUsage(
             usage=pb.Usage(
@@ -131,10 +133,9 @@ async def wait_session_usage(
 async def reservation_row(server: BudgetServer, reservation_id: str) -> Row[Any]:
     assert server.db is not None
     async with server.db.read() as conn:
-        row = (
+        return (
             await conn.execute(select(reservations).where(reservations.c.id == reservation_id))
         ).one()
-    return row
 
 
 async def wait_entry(
@@ -154,26 +155,30 @@ async def wait_entry(
     return entry
 
 
-def _is_sweep(statement: str) -> bool:
-    """The sweeper's periodic read of due reservations (budget_server/ledger/sweeper.py):
-    it runs every 0.05 s whatever the streams do, so it is not a meter stream's SQL."""
-    return (
-        statement.lstrip().upper().startswith("SELECT")
-        and "FROM reservations" in statement
-        and "ORDER BY reservations.expires_at_us" in statement
-    )
+def background_tasks() -> set[asyncio.Task[Any]]:
+    """The tasks alive now: call it before opening a stream, so that the server's own
+    periodic work (sweeper, webhook delivery, event listeners...) can be told apart from
+    whatever the stream sets in motion (its handler, heartbeat, extensions, actors)."""
+    return asyncio.all_tasks()
 
 
 @contextmanager
-def sql_statements(server: BudgetServer) -> Iterator[list[str]]:
-    """Every statement the server's engine executes inside the block, sweeps excluded."""
+def sql_statements(server: BudgetServer, background: set[asyncio.Task[Any]]) -> Iterator[list[str]]:
+    """Statements the server's engine executes inside the block, except those issued by the
+    `background` tasks. SQLAlchemy's asyncio layer runs the DBAPI call inside the awaiting
+    task, so `asyncio.current_task()` in the listener names the task that issued it."""
     assert server.db is not None
     engine = server.db.engine.sync_engine
     seen: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
-        if not _is_sweep(statement):
-            seen.append(statement)
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop in this thread: not the server's doing
+            task = None
+        if task is None or task not in background:
+            name = task.get_name() if task is not None else "(no task)"
+            seen.append(f"[{name}] {statement}")
 
     event.listen(engine, "before_cursor_execute", record)
     try:

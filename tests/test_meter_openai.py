@@ -1,0 +1,491 @@
+"""`wrap_openai` with the official SDK (AsyncOpenAI and OpenAI) against the local fake
+OpenAI server and a real budgetd, on SQLite and PostgreSQL.
+
+The fake records exactly what reached its socket, so a cut-off stream can be checked from
+both ends: the ledger charged what the client counted, and what the client counted is what
+the provider sent, short only of the tokens in flight when the stream was closed.
+
+The sync client runs in a worker thread (`asyncio.to_thread`): budgetd runs in the test's
+event loop, which must stay free to serve it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import tiktoken
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessageParam,
+    ChatCompletionToolParam,
+)
+
+from budget_client import BudgetClient, BudgetExceeded, SyncBudgetClient, wrap_openai
+from budget_client._openai import MeteredAsyncStream, count_chunk
+from budget_client._proto.budgetd.v1 import budget_pb2 as pb
+from budget_client._tokenizer import count_chat_prompt_tokens, get_encoding_for_model
+from budget_client.testing import FakeOpenAIServer, RequestRecord
+from tests.support.ledger import all_entries, assert_ledger_clean, create
+from tests.support.meter import WAIT_S
+from tests.support.servers import Stubs
+
+MODEL = "gpt-4o"  # o200k_base, the fake's tokenizer
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story."}]
+# Tools make the client's prompt estimate (which counts them) differ from the fake's
+# prompt_tokens (which does not), so a test can tell whose figure was committed.
+TOOLS: list[ChatCompletionToolParam] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a word up in the dictionary.",
+            "parameters": {"type": "object", "properties": {"word": {"type": "string"}}},
+        },
+    }
+]
+
+RUNAWAY_TOKENS = 5000
+RUNAWAY_RATE = 500  # tokens/s: a fast model; 1,000 tokens take 2 s
+ABORT_PATH_S = 1.0
+"""Latency allowed on the abort path: from the client's count reaching the grant, through
+one usage message, the abort and the TCP close, to the fake seeing the disconnect. Tokens
+the fake sends meanwhile are either counted after the grant (overage) or still in flight
+at the close. Measured here (fake, budgetd and client in one process on 2 cores): 0-1
+token past the grant on an idle machine (under 2 ms); with other test suites loading it
+to 3-6x its cores, usually 0-3, at worst 385 (a 770 ms stall). The bound is therefore a
+loose one, kept so the test does not flake on a shared machine; it still catches the real
+failures (a `break` without a close lets all 5,000 tokens through, an abort waiting for
+the 5 s heartbeat 2,500). The tight latency figures are the benchmarks' job."""
+BEYOND_GRANT_MAX = math.ceil(RUNAWAY_RATE * ABORT_PATH_S)  # 500 tokens
+
+
+@pytest.fixture(params=["async", "sync"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenAIServer]:
+    """One fake for the module; each test finds its own requests by id."""
+    with FakeOpenAIServer(tokens=RUNAWAY_TOKENS, tokens_per_second=RUNAWAY_RATE) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def enc() -> tiktoken.Encoding:
+    return get_encoding_for_model(MODEL)
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+@dataclass
+class Outcome:
+    """What an app saw of one metered call."""
+
+    chunks: list[ChatCompletionChunk]
+    error: BudgetExceeded | None
+    reservation_id: str
+    completion: ChatCompletion | None = None
+
+
+async def _call_async(
+    address: str, spool_dir: Path, base_url: str, budget_id: str, **kwargs: Any
+) -> Outcome:
+    chunks: list[ChatCompletionChunk] = []
+    reservation_id = ""
+    async with (
+        BudgetClient(address, spool_dir=spool_dir) as budgets,
+        openai.AsyncOpenAI(base_url=base_url, api_key="test", max_retries=0) as raw,
+    ):
+        client: Any = wrap_openai(raw, budgets)  # `budget=` is ours, not in the SDK types
+        try:
+            result = await client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, budget=budget_id, **kwargs
+            )
+            if not kwargs.get("stream"):
+                return Outcome([], None, "", completion=result)
+            assert isinstance(result, MeteredAsyncStream)
+            reservation_id = result.meter.reservation_id
+            async for chunk in result:
+                chunks.append(chunk)
+        except BudgetExceeded as error:
+            return Outcome(chunks, error, reservation_id)
+    return Outcome(chunks, None, reservation_id)
+
+
+def _call_sync(
+    address: str, spool_dir: Path, base_url: str, budget_id: str, **kwargs: Any
+) -> Outcome:
+    chunks: list[ChatCompletionChunk] = []
+    reservation_id = ""
+    with (
+        SyncBudgetClient(address, spool_dir=spool_dir) as budgets,
+        openai.OpenAI(base_url=base_url, api_key="test", max_retries=0) as raw,
+    ):
+        client: Any = wrap_openai(raw, budgets)  # `budget=` is ours, not in the SDK types
+        try:
+            result = client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, budget=budget_id, **kwargs
+            )
+            if not kwargs.get("stream"):
+                return Outcome([], None, "", completion=result)
+            reservation_id = result.meter.reservation_id
+            for chunk in result:
+                chunks.append(chunk)
+        except BudgetExceeded as error:
+            return Outcome(chunks, error, reservation_id)
+    return Outcome(chunks, None, reservation_id)
+
+
+async def call_app(
+    flavour: str, api: Stubs, tmp_path: Path, fake: FakeOpenAIServer, budget_id: str, **kwargs: Any
+) -> Outcome:
+    spool_dir = tmp_path / "spool"
+    if flavour == "async":
+        return await _call_async(api.address, spool_dir, fake.base_url, budget_id, **kwargs)
+    return await asyncio.to_thread(
+        _call_sync, api.address, spool_dir, fake.base_url, budget_id, **kwargs
+    )
+
+
+async def finished_record(fake: FakeOpenAIServer, request_id: str) -> RequestRecord:
+    async with asyncio.timeout(WAIT_S):
+        return await fake.wait_for_async(
+            lambda r: r.request_id == request_id and r.finished_at is not None
+        )
+
+
+async def reservation_entries(
+    api: Stubs, budget_id: str, reservation_id: str
+) -> list[pb.LedgerEntry]:
+    return [e for e in await all_entries(api, budget_id) if e.reservation_id == reservation_id]
+
+
+async def spent(api: Stubs, budget_id: str) -> pb.Budget:
+    return (await api.budget.GetBudget(pb.GetBudgetRequest(budget_id=budget_id))).budget
+
+
+# ----------------------------------------------------------------------------- 1. runaway
+
+
+async def test_a_runaway_stream_is_cut_off_at_the_budget(
+    api: Stubs, tmp_path: Path, fake: FakeOpenAIServer, enc: tiktoken.Encoding, flavour: str
+) -> None:
+    budget_id = f"oai:runaway-{flavour}"
+    await create(api, budget_id, 1000)
+    prompt_tokens = count_chat_prompt_tokens(MESSAGES, MODEL)
+
+    outcome = await call_app(flavour, api, tmp_path, fake, budget_id, stream=True)
+
+    error = outcome.error
+    assert error is not None, "the stream ran to its end"
+    assert error.budget_id == budget_id
+    assert outcome.chunks, "the app saw nothing before the abort"
+    record = await finished_record(fake, outcome.chunks[0].id)
+    assert record.disconnected
+    assert not record.completed
+    assert record.tokens_sent <= 1000 + BEYOND_GRANT_MAX  # of the 5,000 it would have sent
+    assert record.prompt_tokens == prompt_tokens
+    grant_output = 1000 - prompt_tokens  # the grants grow until they hold the whole limit
+
+    # What the client counted is exactly what it received, and what was charged.
+    counted = len(enc.encode(error.partial_text))
+    assert record.text_sent.startswith(error.partial_text)
+    assert error.usage is not None
+    assert (error.usage.input_tokens, error.usage.output_tokens) == (prompt_tokens, counted)
+    assert error.charged == prompt_tokens + counted
+    # The provider sent that plus the tokens in flight when the stream was closed, so the
+    # ledger's charge is prompt + count(text_sent) less those: sent - counted = in flight.
+    sent = len(enc.encode(record.text_sent))
+    assert sent == record.tokens_sent  # the fake's tokens re-encode to themselves
+    in_flight = sent - counted
+    overage = counted - grant_output  # counted after the grant, before the abort arrived
+    assert in_flight >= 0
+    assert overage >= 0, "aborted before the grant was used up"
+    assert in_flight + overage <= BEYOND_GRANT_MAX, (
+        f"{overage} tokens counted past the grant and {in_flight} in flight"
+    )
+    assert prompt_tokens + sent - error.charged == in_flight
+
+    entries = await reservation_entries(api, budget_id, outcome.reservation_id)
+    holds = [e.amount for e in entries if e.kind in (pb.ENTRY_KIND_RESERVE, pb.ENTRY_KIND_EXTEND)]
+    assert sum(holds) == 1000
+    commit = entries[-1]
+    assert commit.kind == pb.ENTRY_KIND_COMMIT
+    assert commit.spent_delta == error.charged
+    assert commit.overage_delta == error.charged - 1000
+    assert commit.usage.output_tokens == counted
+    figures = await spent(api, budget_id)
+    assert (figures.spent, figures.reserved) == (error.charged, 0)
+    assert figures.overage == error.charged - 1000
+    await assert_ledger_clean(api)
+
+
+# ----------------------------------------------------------------------------- 2. fits
+
+
+@pytest.mark.parametrize("app_asks_for_usage", [False, True], ids=["plain", "include_usage"])
+async def test_a_stream_that_fits_is_charged_the_providers_usage(
+    api: Stubs,
+    tmp_path: Path,
+    fake: FakeOpenAIServer,
+    enc: tiktoken.Encoding,
+    flavour: str,
+    app_asks_for_usage: bool,
+) -> None:
+    budget_id = f"oai:fits-{flavour}-{app_asks_for_usage}"
+    await create(api, budget_id, 10_000)
+    extra: dict[str, Any] = (
+        {"stream_options": {"include_usage": True}} if app_asks_for_usage else {}
+    )
+
+    outcome = await call_app(
+        flavour,
+        api,
+        tmp_path,
+        fake,
+        budget_id,
+        stream=True,
+        tools=TOOLS,
+        # Below the refill mark (192 of the 256 granted): no extension, so no race between
+        # it and the end of a stream that arrives all at once.
+        extra_headers={"x-fake-tokens": "150", "x-fake-rate": "0"},
+        **extra,
+    )
+
+    assert outcome.error is None
+    record = await finished_record(fake, outcome.chunks[0].id)
+    assert record.completed
+    assert record.include_usage
+    provider_total = record.prompt_tokens + record.tokens_sent
+    assert record.tokens_sent == 150
+    # The client's estimate counted the tools; the provider's figure is what is charged.
+    assert count_chat_prompt_tokens(MESSAGES, MODEL, TOOLS) != record.prompt_tokens
+
+    usage_chunks = [c for c in outcome.chunks if not c.choices]
+    if app_asks_for_usage:
+        assert usage_chunks == [outcome.chunks[-1]]
+        usage = outcome.chunks[-1].usage
+        assert usage is not None
+        assert (usage.prompt_tokens, usage.completion_tokens) == (
+            record.prompt_tokens,
+            record.tokens_sent,
+        )
+    else:
+        assert usage_chunks == []
+        assert all(c.usage is None for c in outcome.chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in outcome.chunks if c.choices)
+    assert text == record.text_sent
+
+    entries = await reservation_entries(api, budget_id, outcome.reservation_id)
+    assert [e.kind for e in entries] == [pb.ENTRY_KIND_RESERVE, pb.ENTRY_KIND_COMMIT]
+    commit = entries[-1]
+    assert commit.spent_delta == provider_total
+    assert (commit.usage.input_tokens, commit.usage.output_tokens) == (
+        record.prompt_tokens,
+        record.tokens_sent,
+    )
+    assert commit.overage_delta == 0
+    figures = await spent(api, budget_id)
+    assert (figures.spent, figures.reserved) == (provider_total, 0)
+    await assert_ledger_clean(api)
+
+
+# ----------------------------------------------------------------------------- 3. non-streamed
+
+
+async def test_a_non_streamed_call_is_charged_its_usage(
+    api: Stubs, tmp_path: Path, fake: FakeOpenAIServer, flavour: str
+) -> None:
+    budget_id = f"oai:whole-{flavour}"
+    await create(api, budget_id, 10_000)
+
+    outcome = await call_app(
+        flavour,
+        api,
+        tmp_path,
+        fake,
+        budget_id,
+        tools=TOOLS,
+        extra_headers={"x-fake-tokens": "120", "x-fake-rate": "0"},
+    )
+
+    completion = outcome.completion
+    assert completion is not None
+    assert completion.usage is not None
+    usage = completion.usage
+    assert usage.completion_tokens == 120
+    total = usage.prompt_tokens + usage.completion_tokens
+    assert count_chat_prompt_tokens(MESSAGES, MODEL, TOOLS) + 120 != total
+    entries = await all_entries(api, budget_id)
+    assert [e.kind for e in entries] == [
+        pb.ENTRY_KIND_LIMIT,
+        pb.ENTRY_KIND_RESERVE,
+        pb.ENTRY_KIND_COMMIT,
+    ]
+    assert entries[-1].spent_delta == total
+    figures = await spent(api, budget_id)
+    assert (figures.spent, figures.reserved) == (total, 0)
+    await assert_ledger_clean(api)
+
+
+# ----------------------------------------------------------------------------- 4. pre-flight
+
+
+async def test_a_budget_without_room_for_the_prompt_refuses_before_sending(
+    api: Stubs, tmp_path: Path, fake: FakeOpenAIServer, flavour: str
+) -> None:
+    budget_id = f"oai:broke-{flavour}"
+    await create(api, budget_id, 1000)
+    earlier = await api.budget.Reserve(pb.ReserveRequest(budget_id=budget_id, amount=995))
+    await api.budget.Commit(pb.CommitRequest(reservation_id=earlier.reservation.id, amount=995))
+    assert count_chat_prompt_tokens(MESSAGES, MODEL) > 5
+    before = len(fake.records)
+
+    outcome = await call_app(flavour, api, tmp_path, fake, budget_id, stream=True)
+
+    error = outcome.error
+    assert error is not None
+    assert (error.budget_id, error.available) == (budget_id, 5)
+    assert outcome.chunks == []
+    assert len(fake.records) == before, "the request reached the provider"
+    entries = await all_entries(api, budget_id)
+    assert [e.kind for e in entries] == [
+        pb.ENTRY_KIND_LIMIT,
+        pb.ENTRY_KIND_RESERVE,
+        pb.ENTRY_KIND_COMMIT,
+    ]
+    figures = await spent(api, budget_id)
+    assert (figures.spent, figures.reserved) == (995, 0)
+    await assert_ledger_clean(api)
+
+
+async def test_a_unary_charge_spends_the_budget(api: Stubs) -> None:
+    await create(api, "oai:charged", 1000)
+    charged = await api.budget.Charge(
+        pb.ChargeRequest(budget_id="oai:charged", amount=995, idempotency_key="earlier")
+    )
+    assert charged.charged == 995
+    assert (charged.budget.spent, charged.budget.reserved) == (995, 0)
+    await assert_ledger_clean(api)
+
+
+# ----------------------------------------------------------------------------- 5. tool calls
+
+
+def _chunk(
+    choices: list[dict[str, Any]], usage: dict[str, Any] | None = None
+) -> ChatCompletionChunk:
+    """A chunk parsed by the SDK from the wire shape the API streams."""
+    return ChatCompletionChunk.model_validate(
+        {
+            "id": "chatcmpl-tools",
+            "object": "chat.completion.chunk",
+            "created": 1_750_000_000,
+            "model": MODEL,
+            "choices": choices,
+            "usage": usage,
+        }
+    )
+
+
+def _tool_delta(
+    index: int, *, name: str | None = None, arguments: str = "", choice: int = 0
+) -> dict[str, Any]:
+    call: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
+    if name is not None:
+        call.update(id=f"call_{index}", type="function")
+        call["function"]["name"] = name
+    return {"index": choice, "delta": {"tool_calls": [call]}, "finish_reason": None}
+
+
+WEATHER_ARGS = '{"city": "Paris", "unit": "celsius", "days": [1, 2, 3]}'
+TIME_ARGS = '{"zone": "Europe/Paris"}'
+OTHER_CHOICE_TEXT = "Let me check both."
+
+
+def tool_call_chunks(with_usage: bool) -> list[ChatCompletionChunk]:
+    """Two parallel tool calls in choice 0, arguments split at awkward places, and text in
+    choice 1; optionally the provider's usage chunk at the end."""
+    chunks = [
+        _chunk([{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]),
+        _chunk([_tool_delta(0, name="get_weather")]),
+        _chunk([{"index": 1, "delta": {"content": OTHER_CHOICE_TEXT[:7]}, "finish_reason": None}]),
+    ]
+    for start in range(0, len(WEATHER_ARGS), 5):
+        chunks.append(_chunk([_tool_delta(0, arguments=WEATHER_ARGS[start : start + 5])]))
+    chunks.append(_chunk([_tool_delta(1, name="get_time", arguments=TIME_ARGS[:3])]))
+    chunks.append(
+        _chunk([{"index": 1, "delta": {"content": OTHER_CHOICE_TEXT[7:]}, "finish_reason": None}])
+    )
+    chunks.append(_chunk([_tool_delta(1, arguments=TIME_ARGS[3:])]))
+    chunks.append(_chunk([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]))
+    if with_usage:
+        chunks.append(
+            _chunk([], {"prompt_tokens": 40, "completion_tokens": 33, "total_tokens": 73})
+        )
+    return chunks
+
+
+def expected_output_tokens(enc: tiktoken.Encoding) -> int:
+    return sum(
+        len(enc.encode(text))
+        for text in ("get_weather", WEATHER_ARGS, "get_time", TIME_ARGS, OTHER_CHOICE_TEXT)
+    )
+
+
+async def test_count_chunk_counts_tool_call_names_and_arguments_as_output(
+    tmp_path: Path, enc: tiktoken.Encoding
+) -> None:
+    async with BudgetClient("127.0.0.1:9", spool_dir=tmp_path / "spool") as budgets:
+        meter = budgets.meter("oai:tools", model=MODEL, prompt_tokens=40)  # never opened
+        for chunk in tool_call_chunks(with_usage=False):
+            count_chunk(meter, chunk)
+        assert meter.usage.output_tokens == expected_output_tokens(enc)
+        assert meter.usage.input_tokens == 40
+
+        count_chunk(meter, tool_call_chunks(with_usage=True)[-1])
+        assert (meter.usage.input_tokens, meter.usage.output_tokens) == (40, 33)
+
+
+class _Upstream:
+    """An SDK-like stream of ready-made chunks, for output the fake server cannot produce."""
+
+    def __init__(self, chunks: list[ChatCompletionChunk]) -> None:
+        self._chunks = chunks
+        self.closed = False
+
+    async def __aiter__(self) -> Any:
+        for chunk in self._chunks:
+            yield chunk
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_tool_call_tokens_are_charged_when_the_provider_reports_no_usage(
+    api: Stubs, tmp_path: Path, enc: tiktoken.Encoding
+) -> None:
+    await create(api, "oai:tools", 10_000)
+    async with BudgetClient(api.address, spool_dir=tmp_path / "spool") as budgets:
+        meter = budgets.meter("oai:tools", model=MODEL, prompt_tokens=40)
+        await meter.open()
+        upstream = _Upstream(tool_call_chunks(with_usage=False))
+        seen = [chunk async for chunk in MeteredAsyncStream(upstream, meter, True)]
+    assert len(seen) == len(upstream._chunks)
+    assert upstream.closed
+    output = expected_output_tokens(enc)
+    assert meter.committed is not None
+    assert meter.committed.charged == 40 + output
+    commit = (await all_entries(api, "oai:tools"))[-1]
+    assert (commit.kind, commit.usage.output_tokens) == (pb.ENTRY_KIND_COMMIT, output)
+    await assert_ledger_clean(api)
