@@ -103,9 +103,9 @@ class BudgetServer:
         add_servicer(
             server, BudgetService(self.ledger, meter), services["BudgetService"], guard.wrap
         )
-        admin = AdminService(self.ledger, self.events, self.keys)
-        admin.webhooks = self.webhooks
-        admin.report_entries_max = self.config.report_entries_max
+        admin = AdminService(
+            self.ledger, self.events, self.keys, self.webhooks, self.config.report_entries_max
+        )
         add_servicer(server, admin, services["AdminService"], guard.wrap)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

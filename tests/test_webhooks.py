@@ -477,6 +477,10 @@ async def test_delete_stops_deliveries_and_forgets_queued_ones(
         ({"url": "https://example.com/", "secret": "short"}, "secret must be"),
         ({"url": "https://example.com/", "budget_prefix": "bad prefix"}, "budget_prefix"),
         ({"url": "https://example.com/", "kinds": [0]}, "unknown value 0"),
+        (
+            {"url": "https://example.com/", "kinds": [pb.BUDGET_EVENT_KIND_COMMITTED]},
+            "not sent to webhooks",
+        ),
     ],
 )
 async def test_create_refuses_what_cannot_work(

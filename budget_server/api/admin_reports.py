@@ -20,7 +20,6 @@ GROUP_NAMES = {
     pb.REPORT_GROUP_LABEL: "LABEL",
     pb.REPORT_GROUP_DAY: "DAY",
 }
-REPORT_ENTRIES_MAX_DEFAULT = 1_000_000
 
 
 def row_to_pb(row: report.ReportRow) -> pb.UsageReportRow:
@@ -39,10 +38,6 @@ def row_to_pb(row: report.ReportRow) -> pb.UsageReportRow:
 
 class ReportAdmin(AdminBase):
     """AdminService methods about reports."""
-
-    report_entries_max: int = REPORT_ENTRIES_MAX_DEFAULT
-    """Ledger entries one report may read (ServerConfig.report_entries_max; BudgetServer
-    sets it)."""
 
     @unary
     async def UsageReport(

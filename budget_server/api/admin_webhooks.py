@@ -13,7 +13,6 @@ from budget_server.api.status import unary
 from budget_server.errors import InvalidArgument
 from budget_server.events.model import KIND_NAMES, KIND_VALUES
 from budget_server.webhooks import store
-from budget_server.webhooks.directory import WebhookDirectory
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -40,10 +39,6 @@ def kind_names(values: Iterable[pb.BudgetEventKind.ValueType]) -> list[str]:
 
 class WebhookAdmin(AdminBase):
     """AdminService methods about webhooks."""
-
-    webhooks: WebhookDirectory | None = None
-    """This process's snapshot of the registrations, refreshed at once after a change here;
-    BudgetServer sets it (an AdminService without it still works, others see changes later)."""
 
     async def _refresh_directory(self) -> None:
         if self.webhooks is not None:

@@ -126,6 +126,7 @@ ledger_entries = Table(
     Column("actor", String(32), nullable=False),
     Index(None, "budget_id", "id"),
     Index(None, "created_at_us"),
+    Index(None, "reservation_id"),
 )
 
 # Per-token prices in nano-dollars per million tokens, so that sub-nano-dollar per-token

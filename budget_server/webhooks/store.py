@@ -106,13 +106,24 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+DELIVERED_KINDS: Final = ("ALERT", "LIMIT_CHANGED", "FROZEN", "UNFROZEN", "DELETED")
+"""Kinds written to the outbox in the transaction that caused them. Reservations, commits
+and aborts happen thousands of times a second; WatchBudgets streams them instead."""
+
+
 def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
-    """Known kind names, deduplicated in a fixed order; none means alerts only."""
+    """Deliverable kind names, deduplicated in a fixed order; none means alerts only."""
     wanted = set(kinds)
     unknown = wanted - set(KINDS)
     if unknown:
         raise InvalidArgument(
-            f"unknown event kind {sorted(unknown)[0]!r}; use one of {', '.join(KINDS)}"
+            f"unknown event kind {sorted(unknown)[0]!r}; use one of {', '.join(DELIVERED_KINDS)}"
+        )
+    undelivered = wanted - set(DELIVERED_KINDS)
+    if undelivered:
+        raise InvalidArgument(
+            f"event kind {sorted(undelivered)[0]!r} is not sent to webhooks (too frequent); "
+            f"webhooks take {', '.join(DELIVERED_KINDS)}, and WatchBudgets streams every kind"
         )
     return tuple(kind for kind in KINDS if kind in wanted) or DEFAULT_KINDS
 
