@@ -76,6 +76,14 @@ class BudgetServer:
         self.events.add_listener(self.sessions.on_event)
 
     async def start(self) -> None:
+        """Open the database, migrate, and serve; on any failure, undo what was started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+
+    async def _start(self) -> None:
         if self.config.insecure:
             require_loopback(self.config.listen)
         self.db = open_database(self.config.db_url, pool_size=self.config.db_pool_size)
@@ -98,6 +106,7 @@ class BudgetServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
+        self._server = server  # from here on, stop() must stop it
         services = pb.DESCRIPTOR.services_by_name
         meter = MeterStreams(self.ledger, self.config.grant_policy, self.sessions)
         add_servicer(
@@ -119,7 +128,6 @@ class BudgetServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         await server.start()
-        self._server = server
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(

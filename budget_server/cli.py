@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             return asyncio.run(serve(config))
         return uvloop.run(serve(config))
-    except LedgerError as error:
+    except (LedgerError, ValueError) as error:  # a setting budgetd cannot run with
         print(f"budgetd: {error}", file=sys.stderr)
         return 2
     except OSError as error:
