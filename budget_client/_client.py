@@ -248,13 +248,23 @@ class BudgetClient:
         self._start_replayer()
 
     def _start_replayer(self) -> None:
+        if self.state == "closed":
+            return  # the entry stays on disk; the next client on this spool replays it
         if self._replayer is None or self._replayer.done():
             self._replayer = asyncio.create_task(self._replay_forever(), name="budgetd-spool")
 
     async def _replay_forever(self) -> None:
+        """Retry the spool every replay_interval_s until it is empty; never dies of an
+        error (a lost replayer would leave usage on disk until the next restart)."""
         while self.spool.entries():
-            with contextlib.suppress(BudgetUnavailable):
+            try:
                 await self.replay_spool()
+            except BudgetUnavailable:
+                pass  # still away: try again later
+            except Exception:
+                log.exception(
+                    "spool replay failed; retrying in %.1f s", self.config.replay_interval_s
+                )
             if self.spool.entries():
                 await asyncio.sleep(self.config.replay_interval_s)
 

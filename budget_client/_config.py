@@ -41,6 +41,7 @@ class ClientConfig:
     replay_interval_s: float = 2.0
     """How often spooled usage is retried while budgetd is away."""
     api_key: str | None = field(default_factory=lambda: os.environ.get("BUDGETD_API_KEY"))
+    """Sent as `authorization: Bearer ...` (env BUDGETD_API_KEY)."""
     tls: bool = field(default_factory=lambda: os.environ.get("BUDGETD_TLS", "") in ("1", "true"))
     """Connect over TLS (env BUDGETD_TLS=1); implied by tls_ca_file."""
     tls_ca_file: str = field(default_factory=lambda: os.environ.get("BUDGETD_TLS_CA", ""))
@@ -49,7 +50,6 @@ class ClientConfig:
     """PEM client certificate, for servers that require mutual TLS."""
     tls_key_file: str = ""
     """PEM private key of tls_cert_file."""
-    """Sent as `authorization: Bearer ...` (env BUDGETD_API_KEY)."""
 
     @property
     def target(self) -> str:

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Literal
 import grpc
 
 from budget_client._counting import OutputCounter
-from budget_client._errors import BudgetError, BudgetExceeded, BudgetUnavailable, ReservationError
+from budget_client._errors import BudgetError, BudgetExceeded, BudgetUnavailable
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
-from budget_client._rpc import UNREACHABLE, translate
+from budget_client._rpc import STREAM_BROKEN, ended_call_error, translate
 from budget_client._spool import SpoolEntry
 from budget_client._types import Budget, Committed, Reservation, Usage
 
@@ -37,6 +37,21 @@ if TYPE_CHECKING:
     from budget_client._client import BudgetClient
 
 log = logging.getLogger("budget_client.meter")
+
+MeterCall = grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent]
+
+# How long finish() waits for `committed` on a live stream before it settles by unary Commit
+# instead. The stream is watched too: if it breaks, the unary Commit starts at once.
+STREAM_FINISH_WAIT_S = 2.0
+
+# Least time between two usage messages of one stream: at most 1,000 a second, half of
+# budgetd's default usage_messages_per_s_max. Counts are cumulative, so a provider (or a
+# drained buffer) producing tokens faster only has its totals sent less often, nothing lost.
+USAGE_INTERVAL_S = 0.001
+
+# Resumes of one stream, at most: a replica that keeps breaking streams must not keep the
+# client reconnecting for the whole response. Past it, finish() commits by unary call.
+RESUMES_MAX = 50
 
 AbortCallback = Callable[[BudgetExceeded], Awaitable[None] | None]
 MeterState = Literal["unopened", "open", "unmetered", "finished"]
@@ -79,10 +94,18 @@ class Meter:
         self._dirty = asyncio.Event()
         self._abort_callbacks: list[AbortCallback] = []
         self._callback_tasks: set[asyncio.Future[None]] = set()
-        self._call: grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent] | None = None
+        self._call: MeterCall | None = None
         self._committed_event: asyncio.Future[pb.MeterCommitted] | None = None
         self._finishing = False
+        self._finished: asyncio.Future[Committed] | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        self.resumes = 0
+        """How many times the stream to budgetd broke and was resumed (on any replica)."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether a meter stream to budgetd is up right now (False while resuming)."""
+        return self._call is not None
 
     # ------------------------------------------------------------------ usage in
 
@@ -171,6 +194,12 @@ class Meter:
         except BudgetUnavailable as error:
             self._go_unmetered(error)
             return
+        except BudgetError as error:
+            if error.code not in STREAM_BROKEN:
+                raise  # budgetd's answer: exhausted, unknown budget, bad key...
+            # budgetd is there but cannot serve (its own failure): the same as away.
+            self._go_unmetered(BudgetUnavailable(error.message, code=error.code))
+            return
         except TimeoutError:
             self._go_unmetered(BudgetUnavailable("budgetd did not answer in time"))
             return
@@ -183,11 +212,13 @@ class Meter:
         log.warning("%s; metering %s locally (fail-open)", error, self.budget_id)
         self.state = "unmetered"
 
-    async def _open_call(
-        self, *, resume: bool
-    ) -> grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent]:
+    async def _open_call(self, *, resume: bool) -> MeterCall:
         stub = await self._client._budget_stub()
-        call = stub.Meter(None, metadata=self._client._metadata())
+        # A resume waits for the channel to reconnect rather than failing fast, so that it
+        # goes through the moment a replica is back; finish() cancels it if it is too late.
+        call: MeterCall = stub.Meter(
+            None, metadata=self._client._metadata(), wait_for_ready=resume or None
+        )
         opening = pb.MeterOpen(
             budget_id=self.budget_id,
             model=self.model,
@@ -202,48 +233,74 @@ class Meter:
             event = await call.read()
         except grpc.aio.AioRpcError as error:
             raise translate(error) from None
-        if not isinstance(event, pb.MeterEvent):  # grpc.aio.EOF
+        except asyncio.InvalidStateError:
+            # The call ended before our first write (no replica reachable, say); grpc.aio
+            # reports that as a state error, the call's status says why.
+            raise await ended_call_error(call) from None
+        except BaseException:
+            call.cancel()  # e.g. open()'s connect timeout: leave no stream behind
+            raise
+        if not isinstance(event, pb.MeterEvent) or event.WhichOneof("event") != "opened":
+            call.cancel()
             raise BudgetUnavailable("budgetd closed the meter stream before opening it")
         opened = event.opened
         self.reservation_id = opened.reservation_id
         self.granted_output_tokens = opened.granted_output_tokens
+        # The server's last record of our usage: what was lost with the old stream is
+        # re-sent (cumulative totals, so nothing counts twice).
         self._sent = Usage.from_pb(opened.usage) if resume else Usage()
         self._call = call
         if resume:
             self._dirty.set()  # send the totals counted while away
         return call
 
-    async def _supervise(
-        self, call: grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent]
-    ) -> None:
+    async def _supervise(self, call: MeterCall) -> None:
         """Pump the stream; when it breaks, resume it with backoff until finished."""
-        first, largest = self._client.config.reconnect_backoff_s
-        while True:
-            try:
-                await self._pump(call)
-                return
-            except (_ConnectionLost, grpc.aio.AioRpcError) as lost:
-                if isinstance(lost, grpc.aio.AioRpcError) and lost.code() not in UNREACHABLE:
-                    log.warning("meter stream failed: %s", lost.details())
-                    return
-            self._call = None
-            pause = first
+        try:
             while True:
-                if self._finishing:
-                    return  # finish() settles by unary Commit
-                await asyncio.sleep(pause)
                 try:
-                    call = await self._open_call(resume=True)
-                    log.info("meter stream resumed for %s", self.reservation_id)
-                    break
-                except BudgetUnavailable:
-                    pause = min(pause * 2, largest)
-                except BudgetError as error:
-                    # Finished or expired while we were away; the final commit reconciles.
-                    log.warning("cannot resume meter stream: %s", error)
+                    await self._pump(call)
+                    return  # committed
+                except (_ConnectionLost, grpc.aio.AioRpcError) as lost:
+                    if isinstance(lost, grpc.aio.AioRpcError) and lost.code() not in STREAM_BROKEN:
+                        log.warning("meter stream failed: %s", lost.details())
+                        return  # finish() settles by unary Commit
+                self._call = None
+                resumed = await self._resume()
+                if resumed is None:
                     return
+                call = resumed
+        finally:
+            self._call = None
 
-    async def _pump(self, call: grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent]) -> None:
+    async def _resume(self) -> MeterCall | None:
+        """A new stream carrying on the reservation, or None once finishing or refused."""
+        first, largest = self._client.config.reconnect_backoff_s
+        pause = first
+        if self.resumes >= RESUMES_MAX:
+            log.warning(
+                "meter stream %s broke %d times; not resuming", self.reservation_id, RESUMES_MAX
+            )
+            return None
+        while not self._finishing:
+            await asyncio.sleep(pause)
+            if self._finishing:
+                break  # finish() settles by unary Commit
+            try:
+                call = await self._open_call(resume=True)
+            except BudgetError as error:
+                if error.code in STREAM_BROKEN:  # away still, or broke again on the way
+                    pause = min(pause * 2, largest)
+                    continue
+                # Finished or expired while we were away; the final commit reconciles.
+                log.warning("cannot resume meter stream %s: %s", self.reservation_id, error)
+                return None
+            self.resumes += 1
+            log.info("meter stream resumed for %s", self.reservation_id)
+            return call
+        return None
+
+    async def _pump(self, call: MeterCall) -> None:
         writer = asyncio.create_task(self._write(call))
         try:
             while True:
@@ -268,14 +325,20 @@ class Meter:
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, Exception):
                 await writer
 
-    async def _write(self, call: grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent]) -> None:
+    async def _write(self, call: MeterCall) -> None:
+        loop = asyncio.get_running_loop()
+        sent_at = float("-inf")
         while True:
             await self._dirty.wait()
+            pause_s = sent_at + USAGE_INTERVAL_S - loop.time()
+            if pause_s > 0 and not self._finishing:
+                await asyncio.sleep(pause_s)  # totals counted meanwhile go in this message
             self._dirty.clear()
             usage = self._usage
             if usage != self._sent:
                 await call.write(pb.MeterRequest(usage=pb.MeterUsage(usage=usage.to_pb())))
                 self._sent = usage
+                sent_at = loop.time()
             if self._finishing and self._committed_event is not None:
                 final = self._provider_usage
                 await call.write(
@@ -290,52 +353,82 @@ class Meter:
                 return
 
     async def finish(self) -> Committed:
-        """Commit the response's usage: the provider's when it reported one, else our count."""
+        """Commit the response's usage: the provider's when it reported one, else our count.
+
+        Idempotent, also when called again while the first call is still settling (an app's
+        `close()` racing the stream's own end): every caller gets the one outcome.
+        """
         if self.committed is not None:
             return self.committed
         if self.state == "unopened":
             raise RuntimeError("finish() before open()")
+        if self._finished is not None:
+            return await asyncio.shield(self._finished)
+        finished = self._finished = asyncio.get_running_loop().create_future()
         self._finishing = True
         try:
             if self.state == "unmetered":
-                self.committed = self._spool()
+                committed = self._spool()
             else:
-                self.committed = await self._settle()
+                committed = await self._settle()
+        except BaseException as error:
+            self._finished = None  # a later finish() tries again (by unary Commit)
+            if isinstance(error, asyncio.CancelledError):
+                finished.cancel()
+            else:
+                finished.set_exception(error)
+                finished.exception()  # retrieved: a lone caller must not log it as lost
+            raise
         finally:
-            self.state = "finished"
-            if self._supervisor is not None:
-                self._supervisor.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._supervisor
+            await self._stop_supervisor()
+        self.committed = committed
+        self.state = "finished"
+        finished.set_result(committed)
         if self.aborted is not None:
             self.aborted.usage = self.usage
             self.aborted.charged = self.committed.charged
             self.aborted.partial_text = self.counter.text
         return self.committed
 
+    async def _stop_supervisor(self) -> None:
+        supervisor = self._supervisor
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await supervisor
+        self._call = None
+
     async def _settle(self) -> Committed:
         loop = asyncio.get_running_loop()
-        self._committed_event = loop.create_future()
-        timeout_s = self._client.config.finish_timeout_s
-        if self._call is not None:
-            self._dirty.set()
+        self._committed_event = committed = loop.create_future()
+        supervisor = self._supervisor
+        if self._call is not None and supervisor is not None and not supervisor.done():
+            self._dirty.set()  # the writer sends the last totals, then finish
+            await asyncio.wait(
+                (committed, supervisor),
+                timeout=STREAM_FINISH_WAIT_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if committed.done():
+                return _committed_from_pb(committed.result())
+        # No live stream, or it broke while finishing. Stop resuming first, so that no
+        # stream can finish behind our back, then commit by unary call: Commit is
+        # idempotent, so a finish that did reach budgetd is not charged twice.
+        await self._stop_supervisor()
+        config = self._client.config
+        deadline = loop.time() + config.finish_timeout_s
+        pause = config.reconnect_backoff_s[0]
+        while (remaining_s := deadline - loop.time()) > 0:
             try:
-                committed = await asyncio.wait_for(asyncio.shield(self._committed_event), 2.0)
-                return _committed_from_pb(committed)
-            except TimeoutError:
-                pass  # the stream broke on the way; settle by unary Commit instead
-        deadline = loop.time() + timeout_s
-        pause = self._client.config.reconnect_backoff_s[0]
-        while True:
-            try:
-                return await self._client.commit(self.reservation_id, usage=self.usage)
+                # Waits for the channel to reconnect, so the commit goes through the moment
+                # a replica is back rather than at the next retry.
+                return await self._client._commit(
+                    self.reservation_id, self.usage, 0, remaining_s, wait_for_ready=True
+                )
             except BudgetUnavailable:
-                if loop.time() + pause > deadline:
-                    return self._spool()
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, self._client.config.reconnect_backoff_s[1])
-            except ReservationError:
-                raise
+                await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+                pause = min(pause * 2, config.reconnect_backoff_s[1])
+        return self._spool()
 
     def _spool(self) -> Committed:
         entry = SpoolEntry(

@@ -70,6 +70,7 @@ class BudgetServer:
         self.metrics.track_open_streams(lambda: self.sessions.open_streams)
         self.metrics_port = 0
         self.admin_key_path: Path | None = None
+        self.meter: MeterStreams | None = None
         self.webhooks: WebhookDirectory | None = None
         self.webhook_worker: DeliveryWorker | None = None
         self._metrics_server: Any = None
@@ -108,7 +109,7 @@ class BudgetServer:
         )
         self._server = server  # from here on, stop() must stop it
         services = pb.DESCRIPTOR.services_by_name
-        meter = MeterStreams(self.ledger, self.config.grant_policy, self.sessions)
+        meter = self.meter = MeterStreams(self.ledger, self.config.grant_policy, self.sessions)
         add_servicer(
             server, BudgetService(self.ledger, meter), services["BudgetService"], guard.wrap
         )
@@ -170,6 +171,8 @@ class BudgetServer:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace)
             self._server = None
+        if self.meter is not None:
+            await self.meter.closed()
         if self.ledger is not None:
             await self.ledger.drain()
         for task in self._tasks:

@@ -39,6 +39,15 @@ class MeterStreams:
         self._ledger = ledger
         self._policy = policy
         self.registry = registry
+        self._serving = 0
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+
+    async def closed(self, timeout_s: float = 10.0) -> None:
+        """Wait until every stream, including those the server just cancelled, has ended
+        and persisted its usage (grpc.aio cancels handlers without waiting for them)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_closed.wait(), timeout_s)
 
     async def serve(
         self,
@@ -50,6 +59,8 @@ class MeterStreams:
             self.registry.admit(key_id)
         except LedgerError as error:
             await abort(context, error)
+        self._serving += 1
+        self._all_closed.clear()
         outbox: asyncio.Queue[pb.MeterEvent | LedgerError | object] = asyncio.Queue()
         session = MeterSession(self._ledger, self._policy, outbox.put_nowait)
         reader = asyncio.create_task(self._read(requests, session, outbox))
@@ -69,8 +80,15 @@ class MeterStreams:
             self.registry.remove(session)
             self.registry.release(key_id)
             # Shielded: a cancelled call must still leave the reservation resumable and its
-            # last usage on record.
-            await asyncio.shield(session.close())
+            # last usage on record; shutdown waits for it (closed()).
+            closing = asyncio.ensure_future(session.close())
+            closing.add_done_callback(self._one_closed)
+            await asyncio.shield(closing)
+
+    def _one_closed(self, _closing: asyncio.Future[None]) -> None:
+        self._serving -= 1
+        if not self._serving:
+            self._all_closed.set()
 
     async def _read(
         self,

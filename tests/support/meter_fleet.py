@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -57,18 +56,24 @@ async def one_stream(
 
     meter.on_abort(on_abort)
     pieces: list[str] = []
+    reached_grant_at: float | None = None  # when our count last reached the grant we knew of
     try:
         async for chunk in stream:
             outcome["request_id"] = outcome["request_id"] or chunk.id
             for choice in chunk.choices:
                 if choice.delta.content:
                     pieces.append(choice.delta.content)
+            if meter.usage.output_tokens < meter.granted_output_tokens:
+                reached_grant_at = None
+            elif reached_grant_at is None and not at_abort:
+                reached_grant_at = time.time()
     except BudgetExceeded:
         outcome["aborted"] = True
     committed = meter.committed
     assert committed is not None
     outcome.update(
         received_text="".join(pieces),
+        counted_text=meter.counter.text,
         reservation_id=meter.reservation_id,
         prompt_estimate=meter.prompt_tokens,
         counted_output=meter.counter.output_tokens,
@@ -78,6 +83,7 @@ async def one_stream(
         output_at_abort=at_abort.get("output"),
         granted_at_abort=at_abort.get("granted"),
         abort_at=at_abort.get("at"),
+        reached_grant_at=reached_grant_at,
         closed_at=time.time(),
         charged=committed.charged,
         overage=committed.overage,
@@ -91,6 +97,7 @@ async def fleet(
     addresses: list[str],
     base_url: str,
     budget_id: str,
+    spool_dir: Path,
     count: int,
     seed: int,
     tokens: tuple[int, int],
@@ -98,11 +105,11 @@ async def fleet(
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     plans = [(rng.randint(*tokens), round(rng.uniform(*rates))) for _ in range(count)]
-    spool_dir = Path(tempfile.mkdtemp(prefix="budgetd-fleet-spool-"))
-    async with BudgetClient(addresses, spool_dir=spool_dir) as budgets:
-        oai = wrap_openai(
-            openai.AsyncOpenAI(base_url=base_url, api_key="test", max_retries=0), budgets
-        )
+    async with (
+        BudgetClient(addresses, spool_dir=spool_dir) as budgets,
+        openai.AsyncOpenAI(base_url=base_url, api_key="test", max_retries=0) as raw,
+    ):
+        oai = wrap_openai(raw, budgets)
         start = asyncio.Event()
         tasks = [
             asyncio.create_task(one_stream(oai, budget_id, seed * 1000 + i, n, r, start))
@@ -111,7 +118,7 @@ async def fleet(
         await asyncio.sleep(0.05)
         start.set()
         streams = await asyncio.gather(*tasks)
-    return {"streams": streams, "spooled_files": sorted(p.name for p in spool_dir.iterdir())}
+    return {"streams": streams}
 
 
 def main() -> None:
@@ -119,6 +126,7 @@ def main() -> None:
     parser.add_argument("--budgetd", required=True, help="host:port[,host:port...]")
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--budget", required=True)
+    parser.add_argument("--spool-dir", required=True, type=Path)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokens", default="200,2000", help="min,max reply tokens")
@@ -131,6 +139,7 @@ def main() -> None:
             args.budgetd.split(","),
             args.base_url,
             args.budget,
+            args.spool_dir,
             args.streams,
             args.seed,
             (low, high),
