@@ -26,10 +26,13 @@ from budget_server.ctl.tables import Column, fields, table
 from budget_server.ctl.times import format_time
 
 KIND_PREFIX = "BUDGET_EVENT_KIND_"
+# What budgetd delivers to webhooks (webhooks/store.py DELIVERED_KINDS, repeated here so
+# budgetctl needs no server-side import); the frequent kinds are for `budgetctl watch`.
+DELIVERED = ("alert", "limit_changed", "frozen", "unfrozen", "deleted")
 KINDS = {
     value.name.removeprefix(KIND_PREFIX).lower(): value.number
     for value in pb.BudgetEventKind.DESCRIPTOR.values
-    if value.number != pb.BUDGET_EVENT_KIND_UNSPECIFIED
+    if value.name.removeprefix(KIND_PREFIX).lower() in DELIVERED
 }
 
 
