@@ -1,0 +1,108 @@
+"""The benchmark suite runs end to end in its smoke mode and writes the JSON it promises.
+
+No timing is asserted: this machine's figures belong in bench/results, not in a test. What
+is checked is that every measure ran (budgetd, its limits, the load generators and the fake
+OpenAI server all started, talked and stopped) and reported the fields the table and any
+reader of the JSON rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MEASURES = (
+    "usage_absorbed",
+    "requests",
+    "abort_latency",
+    "overage",
+    "client_cost",
+    "open_streams",
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _no_nan(text: str) -> Any:
+    raise ValueError(f"{text} is not valid JSON")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_smoke_mode_writes_every_measure(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--mode",
+            "smoke",
+            "--name",
+            "smoke",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=140,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    document = json.loads((tmp_path / "smoke.json").read_text(), parse_constant=_no_nan)
+
+    assert document["mode"] == "smoke"
+    assert {"name", "started_at", "duration_s", "environment", "settings", "table"} <= set(document)
+    assert document["environment"]["cpus"] >= 1
+    measures = document["measures"]
+    assert set(measures) == set(MEASURES)
+    for name in MEASURES:
+        assert "error" not in measures[name], measures[name].get("error")
+
+    for row in measures["usage_absorbed"]["rows"]:
+        assert row["budgetd_rate_per_s"] > 0
+        assert row["bare_rate_per_s"] > 0
+        assert row["verified"] is True  # every stream's committed carried its last usage
+        assert isinstance(row["met"], bool)
+
+    requests = measures["requests"]["rows"]
+    assert {(r["backend"], r["shape"]) for r in requests} >= {("sqlite", "many"), ("sqlite", "hot")}
+    for row in requests:
+        assert row["budgetd_rate_per_s"] > 0
+        assert row["bare_rate_per_s"] > 0
+        assert row["naive_rate_per_s"] > 0
+        assert set(row["checks"]) >= {"share_of_bare", "past_gubernator"}
+
+    for row in measures["abort_latency"]["rows"]:
+        assert row["budgetd"]["not_aborted"] == 0
+        assert row["budgetd"]["upstream_closed"]["n"] > 0
+        assert row["bare_rtt"]["n"] > 0
+        assert row["raw_abort_rtt"]["budgetd"]["n"] > 0
+        assert "p99_within_2x_bare_rtt" in row["checks"]
+
+    overage = measures["overage"]
+    assert overage["aborted"] > 0
+    assert overage["ledger_verified"] is True
+    assert set(overage["checks"]) == {
+        "median_overage_0",
+        "max_overage_2",
+        "served_within_limit_plus_recorded_overage",
+        "ledger_equals_sent",
+    }
+    assert overage["bare"]["aborted"] > 0
+
+    cost = measures["client_cost"]
+    assert cost["incremental_us_per_chunk"] > 0
+    assert cost["checks"]["exact"] is True
+
+    streams = measures["open_streams"]
+    assert streams["budgetd"]["committed"] == streams["streams"]
+    assert streams["budgetd_kb_per_stream"] is not None
+    assert streams["bare_kb_per_stream"] is not None
+
+    assert document["table"][0].startswith("measure")
+    assert "results:" in done.stdout
