@@ -19,7 +19,9 @@ from tests.support.servers import Stubs, stubs
 
 @pytest.fixture
 async def measured(db_url: str) -> AsyncIterator[tuple[BudgetServer, Stubs]]:
-    config = ServerConfig(listen="127.0.0.1:0", db_url=db_url, metrics_listen="127.0.0.1:0")
+    config = ServerConfig(
+        listen="127.0.0.1:0", db_url=db_url, metrics_listen="127.0.0.1:0", insecure=True
+    )
     async with BudgetServer(config) as server, stubs(server.address) as api:
         yield server, api
 

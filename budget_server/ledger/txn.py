@@ -534,10 +534,11 @@ class ChainBatch:
         if isinstance(op, CommitOp):
             if op.usage is not None:
                 # The committed usage is final (often the provider's own count), so it may
-                # be below what the client estimated while streaming.
+                # be below what the client estimated while streaming. Priced before anything
+                # changes, so a refused commit leaves the reservation as it was.
+                charges = self._amounts(0, op.usage, res.model, "commit")
                 res.usage = op.usage
                 res.usage_changed = True
-                charges = self._amounts(0, op.usage, res.model, "commit")
             else:
                 charges = self._amounts(op.amount, None, res.model, "commit")
         elif kind == "EXPIRE" and not res.usage.is_zero:

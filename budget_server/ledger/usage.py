@@ -32,6 +32,10 @@ class Usage:
                 raise InvalidArgument(f"{what}.{name} must not be negative (got {value})")
             if value > AMOUNT_MAX:
                 raise InvalidArgument(f"{what}.{name} is above the maximum {AMOUNT_MAX}")
+        if self.input_tokens + self.output_tokens > AMOUNT_MAX:
+            raise InvalidArgument(
+                f"{what}: input plus output tokens is above the maximum {AMOUNT_MAX} (AMOUNT_MAX)"
+            )
         if self.cached_input_tokens > self.input_tokens:
             raise InvalidArgument(f"{what}.cached_input_tokens cannot exceed input_tokens")
         if self.reasoning_tokens > self.output_tokens:

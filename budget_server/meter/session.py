@@ -177,6 +177,12 @@ class MeterSession:
         if self._extension is not None:
             return  # its completion re-checks with the latest usage
         if self._at_edge():
+            within = (
+                self.usage.output_tokens <= self.grant.output_tokens
+                and self.usage.input_tokens <= self.grant.input_tokens
+            )
+            if within and self._output_complete():
+                return  # the grant reaches max_output_tokens: the provider stops here
             if self._capped_by:
                 self._abort(pb.ABORT_REASON_EXHAUSTED, self._capped_by)
             else:
