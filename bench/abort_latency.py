@@ -241,7 +241,7 @@ async def profiled(
     await pacer.command({"phase": "stop"}, 300)
     if recorded is None:
         return {"error": "py-spy is not installed"}
-    return {"file": str(path), **profile.summarize(path, top=15)}
+    return profile.report(path)
 
 
 def path_latencies(

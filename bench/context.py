@@ -29,6 +29,9 @@ class Settings:
     mode: str
     reps: int
     """budgetd and its limit run this many times each, in alternating order."""
+    concurrent: bool = False
+    """Run the measures at the same time (smoke mode: checks that everything runs, in
+    seconds; the figures are then meaningless)."""
     flood_streams: tuple[int, ...] = (64, 256)
     flood_s: float = 5.0
     flood_workers: int = 2
@@ -84,12 +87,12 @@ MODES = {
         flood_s=1.5,
         requests_s=1.0,
         requests_warmup_s=0.5,
-        abort_probes=48,
+        abort_probes=40,
         abort_blocks=2,
-        echo_s=1.5,
-        overage_budget_tokens=12_000,
+        echo_s=1.0,
+        overage_budget_tokens=8_000,
         overage_reps=1,
-        overage_bare_abort_at=(50, 250),
+        overage_bare_abort_at=(30, 120),
         client_cost_module="bench.cost_sampled",
         client_cost_args=("--runs", "3", "--naive-chunks", "100"),
         hold_streams=2000,
@@ -100,11 +103,12 @@ MODES = {
     "smoke": Settings(
         mode="smoke",
         reps=1,
+        concurrent=True,
         flood_streams=(16,),
         flood_s=0.5,
         flood_workers=1,
         requests_streams=16,
-        requests_s=0.5,
+        requests_s=1.0,
         requests_warmup_s=0.2,
         requests_workers=1,
         many_budgets=20,

@@ -1,6 +1,7 @@
 """Optional profiles of budgetd while a measure runs, with py-spy when it is installed.
 
     python -m bench.profile summarize FILE [--top 25]
+    python -m bench.profile summarize RESULTS.json --label "requests/sqlite many"
 
 `record(pid, seconds, path)` samples a running process (py-spy's raw "collapsed stacks"
 format: one line per distinct stack, its thread first, frames joined by `;`, then a count;
@@ -15,9 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +108,27 @@ def summarize(path: Path, top: int = 25) -> dict[str, Any]:
     }
 
 
+def report(path: Path, top: int = 15) -> dict[str, Any]:
+    """The summary of a profile, with its raw stacks (a few hundred lines), for the results
+    JSON: the file itself lives in the run's temporary directory."""
+    return {**summarize(path, top), "stacks": path.read_text().splitlines()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["summarize"])
     parser.add_argument("file", type=Path)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--label", help="with a results JSON: MEASURE/PROFILE to summarize")
     args = parser.parse_args()
-    summary = summarize(args.file, args.top)
+    path = args.file
+    if args.label:  # the stacks kept in a results file
+        measure, _, label = args.label.partition("/")
+        document = json.loads(path.read_text())
+        stacks = document["measures"][measure]["profiles"][label]["stacks"]
+        path = Path(tempfile.mkdtemp()) / "stacks.txt"
+        path.write_text("\n".join(stacks) + "\n")
+    summary = summarize(path, args.top)
     print(f"{summary['samples']} samples")
     for title in ("threads_pct", "inclusive_pct", "self_pct"):
         print(f"\n{title.replace('_pct', '')} %")

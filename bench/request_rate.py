@@ -130,7 +130,7 @@ async def profiled(
     recorded, _ = await asyncio.gather(record(), requests_once(run, crew, budgetd, shape))
     if recorded is None:
         return {"error": "py-spy is not installed"}
-    return {"file": str(path), **profile.summarize(path, top=15)}
+    return profile.report(path)
 
 
 def summarize(

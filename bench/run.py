@@ -344,18 +344,25 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+async def run_measure(run_: Run, name: str) -> None:
+    started = time.perf_counter()
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    try:
+        result = await MEASURES[name](run_)
+    except Exception as exc:
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    result["duration_s"] = round(time.perf_counter() - started, 1)
+    run_.results[name] = result
+    print(f"[bench] {name} done in {result['duration_s']} s", file=sys.stderr, flush=True)
+
+
 async def run_measures(run_: Run, names: list[str]) -> dict[str, Any]:
+    if run_.settings.concurrent:  # smoke: the figures mean nothing, only that all runs
+        await asyncio.gather(*(run_measure(run_, name) for name in names))
+        return {name: run_.results[name] for name in names}
     for name in names:
-        started = time.perf_counter()
-        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        try:
-            result = await MEASURES[name](run_)
-        except Exception as exc:
-            traceback.print_exc()
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        result["duration_s"] = round(time.perf_counter() - started, 1)
-        run_.results[name] = result
-        print(f"[bench] {name} done in {result['duration_s']} s", file=sys.stderr, flush=True)
+        await run_measure(run_, name)
     return run_.results
 
 
@@ -393,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             if py_spy() is None:
                 print("[bench] --profile: py-spy is not installed; no profiles", file=sys.stderr)
             else:
-                profile_dir = args.results_dir / f"{name}-profiles"
-                profile_dir.mkdir(parents=True, exist_ok=True)
+                profile_dir = Path(tmp) / "profiles"  # kept in the JSON (stacks, summary)
+                profile_dir.mkdir()
         run_ = Run(settings, Path(tmp), profile_dir=profile_dir, api_keys=api_keys)
         env = environment(api_keys)
         wall = time.perf_counter()

@@ -98,7 +98,7 @@ async def profiled(run: Run, crew: Crew, budgetd: Service, streams: int) -> dict
     )
     if recorded is None:
         return {"error": "py-spy is not installed"}
-    return {"file": str(path), **profile.summarize(path, top=15)}
+    return profile.report(path)
 
 
 def summarize(streams: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

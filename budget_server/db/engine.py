@@ -51,8 +51,11 @@ class Database:
             async with self.engine.begin() as conn:
                 yield conn
             return
-        async with self._write_gate, self.engine.begin() as conn:
-            yield conn
+        async with self._write_gate, self.engine.connect() as plain:
+            # Marked before BEGIN, so the begin hook knows to take the write lock.
+            conn = await plain.execution_options(budgetd_write=True)
+            async with conn.begin():
+                yield conn
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -102,4 +105,6 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front; readers must not (on WAL they never wait).
+        write = conn.get_execution_options().get("budgetd_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -79,6 +79,13 @@ class MeterSession:
         else:
             result = await self._reserve(message)
             resumed = False
+            wanted = self._policy.initial_output_tokens
+            if self.max_output_tokens:
+                wanted = min(wanted, self.max_output_tokens)
+            if result.reservation.grant.output_tokens < wanted:
+                # Already shrunk to what is left: an extension could only be refused, so
+                # reaching this grant aborts at once, from memory.
+                self._capped_by = self._tightest(result)
         reservation = result.reservation
         self.reservation_id = reservation.id
         self.budget_id = reservation.budget_id
