@@ -7,13 +7,15 @@ Building both costs microseconds and keeps the two forms from drifting apart.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.ctl import render
-from budget_server.ctl.amounts import AmountError, parse_amount
-from budget_server.ctl.failures import EXIT_DRIFT, EXIT_OK, UsageError
+from budget_server.ctl.amounts import AmountError, format_amount, parse_amount
+from budget_server.ctl.failures import EXIT_DRIFT, EXIT_OK, CtlError, UsageError
 from budget_server.ctl.rpc import Admin
 
 UNITS = {"tokens": pb.UNIT_TOKENS, "usd": pb.UNIT_USD}
@@ -106,6 +108,70 @@ def budgets_update(admin: Admin, args: argparse.Namespace) -> Result:
         {"budget": render.message_json(budget)},
         f"updated budget {budget.id}\n{render.budget_fields(budget)}",
     )
+
+
+FREEZE_REASON_LENGTH_MAX: Final = 500
+"""budgetd keeps this much of a freeze's reason (it goes into every aborted stream's message)."""
+
+
+def budgets_freeze(admin: Admin, args: argparse.Namespace) -> Result:
+    """{"budget": Budget}; budgetd aborts the budget's open streams on every replica."""
+    reason = str(args.reason or "")
+    if len(reason) > FREEZE_REASON_LENGTH_MAX:
+        raise UsageError(f"--reason is over {FREEZE_REASON_LENGTH_MAX} characters")
+    budget = admin.freeze_budget(str(args.id), reason).budget
+    because = f" ({reason})" if reason else ""
+    text = (
+        f"froze budget {budget.id}{because}: new grants are refused, and its open streams "
+        f"are aborted on every replica\n{render.budget_fields(budget)}"
+    )
+    return Result({"budget": render.message_json(budget)}, text)
+
+
+def budgets_unfreeze(admin: Admin, args: argparse.Namespace) -> Result:
+    """{"budget": Budget}"""
+    budget = admin.unfreeze_budget(str(args.id)).budget
+    text = f"unfroze budget {budget.id}: it grants again\n{render.budget_fields(budget)}"
+    return Result({"budget": render.message_json(budget)}, text)
+
+
+def budgets_delete(admin: Admin, args: argparse.Namespace) -> Result:
+    """{"deleted": str}. The id is retired for good, so a person confirms it unless --yes;
+    a script (no terminal on stdin, or --json) must say --yes, as it cannot be asked."""
+    budget_id = str(args.id)
+    if not args.yes:
+        if args.json or not sys.stdin.isatty():
+            raise UsageError(
+                "deleting a budget retires its id for good: add --yes to confirm "
+                "(needed with --json or when stdin is not a terminal)"
+            )
+        _confirm_delete(admin, budget_id)
+    admin.delete_budget(budget_id)
+    text = (
+        f"deleted budget {budget_id}: every call on it is refused from now on; its ledger "
+        "entries stay, and the id cannot be created again"
+    )
+    return Result({"deleted": budget_id}, text)
+
+
+def _confirm_delete(admin: Admin, budget_id: str) -> None:
+    # Looked up first, so a mistyped id fails with NOT_FOUND before anyone is asked.
+    budget = admin.get_budget(budget_id).budget
+    spent = format_amount(budget.spent, budget.unit)
+    limit = format_amount(budget.limit, budget.unit)
+    question = (
+        f"Delete budget {budget_id!r} (spent {spent} of {limit})? Its ledger entries stay, "
+        "but the id can never be created again. [y/N] "
+    )
+    print(question, end="", file=sys.stderr, flush=True)
+    try:
+        # The whole line (a terminal's line is bounded): left unread, the rest would go
+        # to the shell after we exit.
+        answer = sys.stdin.readline()
+    except (EOFError, UnicodeDecodeError):
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
+        raise CtlError(f"budget {budget_id} not deleted")
 
 
 def budgets_show(admin: Admin, args: argparse.Namespace) -> Result:

@@ -32,7 +32,7 @@ def _row(key: pb.ApiKey) -> list[str]:
 
 def keys_create(admin: Admin, args: argparse.Namespace) -> Result:
     request = pb.CreateKeyRequest(name=args.name, scopes=args.scope)
-    response = admin._call(admin._stub.CreateKey, request)
+    response = admin.call(admin.stub.CreateKey, request)
     text = (
         f"created API key {response.key.id} ({response.key.name}): "
         f"{' '.join(response.key.scopes)}\n"
@@ -43,13 +43,13 @@ def keys_create(admin: Admin, args: argparse.Namespace) -> Result:
 
 
 def keys_list(admin: Admin, args: argparse.Namespace) -> Result:
-    response = admin._call(admin._stub.ListKeys, pb.ListKeysRequest())
+    response = admin.call(admin.stub.ListKeys, pb.ListKeysRequest())
     doc = {"keys": [render.message_json(k) for k in response.keys]}
     return Result(doc, table(KEY_COLUMNS, [_row(k) for k in response.keys]))
 
 
 def keys_revoke(admin: Admin, args: argparse.Namespace) -> Result:
-    response = admin._call(admin._stub.RevokeKey, pb.RevokeKeyRequest(id=args.id))
+    response = admin.call(admin.stub.RevokeKey, pb.RevokeKeyRequest(id=args.id))
     text = f"revoked API key {response.key.id} ({response.key.name}); it is refused from now on"
     return Result({"key": render.message_json(response.key)}, text)
 

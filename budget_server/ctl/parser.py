@@ -16,7 +16,15 @@ import os
 import textwrap
 from typing import Final
 
-from budget_server.ctl import commands, keys_cmd, prices_cmd, report_cmd, webhooks_cmd
+from budget_server.ctl import (
+    alerts_cmd,
+    commands,
+    keys_cmd,
+    prices_cmd,
+    report_cmd,
+    watch_cmd,
+    webhooks_cmd,
+)
 from budget_server.ctl.rpc import TIMEOUT_DEFAULT_S
 from budget_server.ctl.times import parse_time
 
@@ -176,8 +184,8 @@ def _page_size_option(parser: argparse.ArgumentParser, default: int) -> None:
 def _add_budgets(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     budgets = top.add_parser(
         "budgets",
-        help="create, list, show and change budgets",
-        description="Create, list, show and change budgets.",
+        help="create, list, show, change, freeze and delete budgets",
+        description="Create, list, show, change, freeze and delete budgets.",
         formatter_class=_FORMATTER,
     )
     actions = budgets.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -294,6 +302,55 @@ def _add_budgets(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--unfreeze", dest="frozen", action="store_const", const=False, help="grant again"
     )
 
+    freeze_now = _command(
+        actions,
+        "freeze",
+        commands.budgets_freeze,
+        summary="stop a budget now: refuse grants, abort its open streams",
+        description="Freeze a budget: every new grant on it (and on its descendants) is "
+        "refused, and budgetd aborts its open meter streams on every replica, telling each "
+        "the reason. Reservations already granted can still be committed.",
+        examples="""\
+  budgetctl budgets freeze org:acme/team:lab --reason 'runaway agent, incident 4711'
+""",
+    )
+    freeze_now.add_argument("id", metavar="ID")
+    freeze_now.add_argument(
+        "--reason",
+        metavar="TEXT",
+        default="",
+        help=f"why, sent with each aborted stream (up to {commands.FREEZE_REASON_LENGTH_MAX} "
+        "characters)",
+    )
+
+    unfreeze = _command(
+        actions,
+        "unfreeze",
+        commands.budgets_unfreeze,
+        summary="grant on a frozen budget again",
+        description="Unfreeze a budget: it grants again. Streams aborted by the freeze stay "
+        "aborted.",
+        examples="  budgetctl budgets unfreeze org:acme/team:lab\n",
+    )
+    unfreeze.add_argument("id", metavar="ID")
+
+    delete = _command(
+        actions,
+        "delete",
+        commands.budgets_delete,
+        summary="retire a budget for good",
+        description="Delete a budget. Refused while it has child budgets or open "
+        "reservations. Its ledger entries stay, but every call on it is refused and the id "
+        "can never be created again, so budgetctl asks first; scripts (--json, or no "
+        "terminal on stdin) must pass --yes.",
+        examples="""\
+  budgetctl budgets delete org:acme/team:old
+  budgetctl budgets delete org:acme/team:old --yes
+""",
+    )
+    delete.add_argument("id", metavar="ID")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
 
 def _add_reservations(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sub = _command(
@@ -386,4 +443,6 @@ def build_parser() -> argparse.ArgumentParser:
     keys_cmd.add_parser(top)
     report_cmd.add_parser(top)
     webhooks_cmd.add_parser(top)
+    alerts_cmd.add_parser(top)
+    watch_cmd.add_parser(top)
     return parser

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
-from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
 from budget_server.ctl import parser as cli
 from budget_server.ctl import render
 from budget_server.ctl.amounts import AmountError, format_usd, parse_usd
@@ -37,17 +36,12 @@ from budget_server.pricing.litellm import IMPORT_BYTES_MAX
 DEFAULT_MODEL = "*"  # budget_server.ledger.prices.DEFAULT_PRICE_MODEL, without SQLAlchemy
 
 
-def _stub(admin: Admin) -> pb_grpc.AdminServiceStub:
-    # rpc.Admin has no price methods; its stub, deadline and error mapping serve these calls.
-    return admin._stub
-
-
 def _list(
     admin: Admin, prefix: str, *, wanted: int | None, page_size: int
 ) -> tuple[list[pb.ModelPrice], bool]:
     def page(token: str, size: int) -> tuple[Sequence[pb.ModelPrice], str]:
         request = pb.ListPricesRequest(prefix=prefix, page_size=size, page_token=token)
-        response = admin._call(_stub(admin).ListPrices, request)
+        response = admin.call(admin.stub.ListPrices, request)
         return response.prices, response.next_page_token
 
     return collect(page, wanted=wanted, page_size=page_size)
@@ -172,7 +166,7 @@ def prices_set(admin: Admin, args: argparse.Namespace) -> Result:
         cached_input_nanousd_per_mtok=cached,
         output_nanousd_per_mtok=_price_arg("--output", str(args.output)),
     )
-    stored = admin._call(_stub(admin).SetPrice, pb.SetPriceRequest(price=price)).price
+    stored = admin.call(admin.stub.SetPrice, pb.SetPriceRequest(price=price)).price
     return Result(
         {"price": render.message_json(stored)},
         f"set the price of {stored.model}\n{price_fields(stored)}",
@@ -191,7 +185,7 @@ def prices_import(admin: Admin, args: argparse.Namespace) -> Result:
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
     request = pb.ImportPricesRequest(litellm_json=raw, source=str(args.source or ""))
-    response = admin._call(_stub(admin).ImportPrices, request)
+    response = admin.call(admin.stub.ImportPrices, request)
     text = (
         f"imported {response.imported:,} prices from {path}; skipped {response.skipped:,} "
         "entries (not chat models with per-token prices, or prices that are not exact)"
@@ -201,7 +195,7 @@ def prices_import(admin: Admin, args: argparse.Namespace) -> Result:
 
 def prices_delete(admin: Admin, args: argparse.Namespace) -> Result:
     model = str(args.model)
-    admin._call(_stub(admin).DeletePrice, pb.DeletePriceRequest(model=model))
+    admin.call(admin.stub.DeletePrice, pb.DeletePriceRequest(model=model))
     return Result({"deleted": model}, f"deleted the price of {model}")
 
 

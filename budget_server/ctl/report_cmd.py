@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
-from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
 from budget_server.ctl import parser as cli
 from budget_server.ctl import render
 from budget_server.ctl.amounts import format_amount
@@ -44,11 +43,6 @@ class Grouping:
 
     groups: tuple[str, ...]
     label_key: str = ""
-
-
-def _stub(admin: Admin) -> pb_grpc.AdminServiceStub:
-    # rpc.Admin has no report method; its stub, deadline and error mapping serve the call.
-    return admin._stub
 
 
 def by_arg(text: str) -> Grouping:
@@ -144,7 +138,7 @@ def report(admin: Admin, args: argparse.Namespace) -> Result:
         group_by=[GROUPS[g] for g in grouping.groups],
         label_key=grouping.label_key,
     )
-    rows = list(admin._call(_stub(admin).UsageReport, request).rows)
+    rows = list(admin.call(admin.stub.UsageReport, request).rows)
     span = f"{format_time(since_us) if since_us else 'the beginning'} .. "
     span += format_time(until_us) if until_us else "now"
     scope = f"budgets starting {args.prefix!r}" if args.prefix else "all budgets"

@@ -2,8 +2,9 @@
 
 A command-line tool must end: without a deadline a call to an address that drops
 packets would hang the operator's shell, so every call carries `timeout_s` and a late
-answer becomes `Unreachable` (exit 3). gRPC failures leave this module as `CtlError`s,
-so commands never handle `grpc.RpcError` themselves.
+answer becomes `Unreachable` (exit 3). The one exception is `watch`'s event stream, which
+lasts as long as the watch; EventStream lets the watch cancel it. gRPC failures leave
+this module as `CtlError`s, so commands never handle `grpc.RpcError` themselves.
 """
 
 from __future__ import annotations
@@ -52,6 +53,63 @@ class Admin:
             return method(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error, self.server) from None
+
+    @property
+    def stub(self) -> pb_grpc.AdminServiceStub:
+        """Every AdminService method, for `call`: `admin.call(admin.stub.ListKeys, request)`."""
+        return self._stub
+
+    def call(
+        self, method: grpc.UnaryUnaryMultiCallable[Request, Response], request: Request
+    ) -> Response:
+        """Any unary call of `stub`, with the deadline and the mapping to CtlError."""
+        return self._call(method, request)
+
+    def call_all(
+        self, method: grpc.UnaryUnaryMultiCallable[Request, Response], requests: Sequence[Request]
+    ) -> list[Response | CtlError]:
+        """The same call for each request, all in flight at once: N answers in one round trip.
+
+        Each failure comes back in its request's place rather than raised, so one budget
+        deleted meanwhile does not hide the others' answers. The caller bounds `requests`.
+        """
+        futures = [
+            method.future(request, timeout=self.timeout_s, metadata=self.metadata)
+            for request in requests
+        ]
+        results: list[Response | CtlError] = []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except grpc.RpcError as error:
+                results.append(from_rpc_error(error, self.server))
+        return results
+
+    def freeze_budget(self, budget_id: str, reason: str) -> pb.UpdateBudgetResponse:
+        request = pb.FreezeBudgetRequest(id=budget_id, reason=reason)
+        return self._call(self._stub.FreezeBudget, request)
+
+    def unfreeze_budget(self, budget_id: str) -> pb.UpdateBudgetResponse:
+        return self._call(self._stub.UnfreezeBudget, pb.UnfreezeBudgetRequest(id=budget_id))
+
+    def delete_budget(self, budget_id: str) -> pb.DeleteBudgetResponse:
+        return self._call(self._stub.DeleteBudget, pb.DeleteBudgetRequest(id=budget_id))
+
+    def list_alerts(
+        self, budget_id: str, *, wanted: int | None, page_size: int
+    ) -> tuple[list[pb.Alert], bool]:
+        def page(token: str, size: int) -> tuple[Sequence[pb.Alert], str]:
+            request = pb.ListAlertsRequest(budget_id=budget_id, page_size=size, page_token=token)
+            response = self._call(self._stub.ListAlerts, request)
+            return response.alerts, response.next_page_token
+
+        return collect(page, wanted=wanted, page_size=page_size)
+
+    def watch_budgets(self, prefix: str) -> EventStream:
+        """The events of budgets under `prefix`, as they happen; see EventStream."""
+        request = pb.WatchBudgetsRequest(prefix=prefix)
+        call = self._stub.WatchBudgets(request, metadata=self.metadata)
+        return EventStream(call, self.server)
 
     def create_budget(self, request: pb.CreateBudgetRequest) -> pb.CreateBudgetResponse:
         return self._call(self._stub.CreateBudget, request)
@@ -110,6 +168,31 @@ class Admin:
             return response.entries, response.next_page_token
 
         return collect(page, wanted=wanted, page_size=page_size)
+
+
+class EventStream:
+    """One WatchBudgets call: iterate it for events, `cancel()` it from any thread.
+
+    The one call without a deadline: it lasts as long as the watch. Iterating raises
+    CtlError when the stream fails (Unreachable once budgetd is gone) and simply stops
+    when budgetd ends it, or after `cancel()`.
+    """
+
+    def __init__(self, call: grpc.CallIterator[pb.BudgetEvent], server: str) -> None:
+        self._call = call
+        self._server = server
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[pb.BudgetEvent]:
+        try:
+            yield from self._call
+        except grpc.RpcError as error:
+            if not self._cancelled:
+                raise from_rpc_error(error, self._server) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
 
 
 @contextmanager

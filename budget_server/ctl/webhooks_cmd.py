@@ -17,7 +17,6 @@ import argparse
 from collections.abc import Sequence
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
-from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
 from budget_server.ctl import parser as cli
 from budget_server.ctl import render
 from budget_server.ctl.commands import Result
@@ -34,11 +33,6 @@ KINDS = {
     for value in pb.BudgetEventKind.DESCRIPTOR.values
     if value.name.removeprefix(KIND_PREFIX).lower() in DELIVERED
 }
-
-
-def _stub(admin: Admin) -> pb_grpc.AdminServiceStub:
-    # rpc.Admin has no webhook methods; its stub, deadline and error mapping serve these calls.
-    return admin._stub
 
 
 def kinds_arg(text: str) -> list[int]:
@@ -86,7 +80,7 @@ def webhooks_create(admin: Admin, args: argparse.Namespace) -> Result:
     request = pb.CreateWebhookRequest(
         url=str(args.url), budget_prefix=str(args.prefix), kinds=list(args.kinds or ())
     )
-    response = admin._call(_stub(admin).CreateWebhook, request)
+    response = admin.call(admin.stub.CreateWebhook, request)
     hook = response.webhook
     text = "\n".join(
         [
@@ -113,14 +107,14 @@ def webhooks_create(admin: Admin, args: argparse.Namespace) -> Result:
 
 
 def webhooks_list(admin: Admin, args: argparse.Namespace) -> Result:
-    hooks = list(admin._call(_stub(admin).ListWebhooks, pb.ListWebhooksRequest()).webhooks)
+    hooks = list(admin.call(admin.stub.ListWebhooks, pb.ListWebhooksRequest()).webhooks)
     text = webhooks_table(hooks) if hooks else "no webhooks"
     return Result({"webhooks": [render.message_json(hook) for hook in hooks]}, text)
 
 
 def webhooks_delete(admin: Admin, args: argparse.Namespace) -> Result:
     webhook_id = str(args.id)
-    admin._call(_stub(admin).DeleteWebhook, pb.DeleteWebhookRequest(id=webhook_id))
+    admin.call(admin.stub.DeleteWebhook, pb.DeleteWebhookRequest(id=webhook_id))
     return Result({"deleted": webhook_id}, f"deleted webhook {webhook_id}")
 
 
