@@ -169,6 +169,7 @@ class BudgetServer:
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
+            self.events.end_subscriptions()
             await self._server.stop(grace)
             self._server = None
         if self.meter is not None:

@@ -1560,14 +1560,6 @@ async def test_meter_usage_beyond_amount_max_is_refused(
     await assert_ledger_clean(api)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger/txn.py ChainBatch._charge: the new reservation is remembered (with its "
-    "idempotency key, is_new) before _finish prices and bounds the charge; when _finish "
-    "refuses (no price for the model on a USD budget, or beyond AMOUNT_MAX) flush still "
-    "inserts it as a PENDING reservation, so the retry with the same key is 'replayed' "
-    "with charged 0: a spooled usage replayed after the refusal is never charged",
-)
 async def test_a_refused_charge_can_be_retried(api: Stubs) -> None:
     await create(api, "fz:usd", 10**12, unit=pb.UNIT_USD)
     spooled = pb.ChargeRequest(

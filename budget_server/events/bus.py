@@ -7,6 +7,7 @@ clear error rather than letting memory grow or slowing the ledger down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -27,6 +28,7 @@ class Subscription:
         self.prefix = prefix
         self._queue: asyncio.Queue[BudgetEvent | None] = asyncio.Queue(SUBSCRIBER_QUEUE_MAX)
         self.lagged = False
+        self.ended = False
 
     def offer(self, event: BudgetEvent) -> None:
         if event.kind not in KIND_VALUES or self.lagged:
@@ -40,9 +42,17 @@ class Subscription:
             self._queue.get_nowait()
             self._queue.put_nowait(None)
 
+    def end(self) -> None:
+        """Finish the watcher's stream (shutdown): it ends normally, not as an error."""
+        self.ended = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(None)
+
     async def __aiter__(self) -> AsyncIterator[BudgetEvent]:
         while True:
             event = await self._queue.get()
+            if event is None and self.ended:
+                return
             if event is None:
                 raise SubscriberLagged(
                     f"the watcher fell {SUBSCRIBER_QUEUE_MAX} events behind (SUBSCRIBER_QUEUE_MAX)"
@@ -68,6 +78,11 @@ class EventBus:
         subscription = Subscription(self, prefix)
         self._subscriptions.add(subscription)
         return subscription
+
+    def end_subscriptions(self) -> None:
+        """At shutdown: watchers' streams end now instead of idling through the grace."""
+        for subscription in list(self._subscriptions):
+            subscription.end()
 
     def add_listener(self, listener: Callable[[BudgetEvent], None]) -> None:
         """Called for every event, synchronously (keep it cheap)."""

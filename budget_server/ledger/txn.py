@@ -387,6 +387,9 @@ class ChainBatch:
     def _charge(self, op: ChargeOp) -> OpResult:
         if (earlier := self.by_key.get(op.idempotency_key)) is not None:
             return self._result(earlier, replayed=True, charged=earlier.charged)
+        # Priced (and bounded) before the reservation exists, so a refusal leaves no trace
+        # and a retry with the same key is charged for real.
+        self._amounts(op.amount, op.usage, op.model, "charge")
         res = ReservationState(
             id=new_reservation_id(),
             budget_id=self.chain_ids[-1],
