@@ -5,8 +5,8 @@ because operators type `budgetctl budgets list --json` as often as `budgetctl --
 The copies on the subcommands default to SUPPRESS so that, when absent, they do not
 overwrite the value parsed before the command.
 
-Later commands (prices, keys, watch, report, webhooks) add a `_add_<name>` function and a
-line in `build_parser`.
+Command groups (prices, keys, report, webhooks, alerts, watch) live in their own modules,
+each registered by one `add_parser(top)` line in `build_parser`.
 """
 
 from __future__ import annotations
