@@ -105,6 +105,7 @@ REFUSALS = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EX
 
 KNOWN_BUGS: set[str] = {
     "refused-charge-leaves-reservation",  # test_a_refused_charge_can_be_retried
+    "commit-bound-counts-hold-twice",  # test_a_commit_within_its_hold_is_not_refused
 }
 """Fuzzed inputs that reach a product bug with its own xfail test below; the machine
 stays away from them so that it keeps looking for new ones. Empty once they are fixed."""
@@ -566,15 +567,27 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ commit, release
 
+    def commit_refused(self, res: ModelReservation, charge: int) -> bool:
+        """Whether committing (or expiring) `res` at `charge` is refused as beyond what a
+        ledger figure can hold: spent + reserved after the operation past int64. While
+        KNOWN_BUGS has "commit-bound-counts-hold-twice" the model follows budgetd, which
+        also counts the hold that the operation releases (or, late, the part already
+        charged)."""
+        if "commit-bound-counts-hold-twice" in KNOWN_BUGS:
+            return self.model.overflows(res.chain, charge)
+        if res.state == PENDING:
+            return self.model.overflows(res.chain, charge, released=res.hold)
+        return self.model.overflows(res.chain, max(0, charge - res.charged))
+
     def charge_outcome(self, res: ModelReservation, charge: int, with_usage: bool) -> str:
         """What a Commit of `charge` on `res` should get, with the model updated to match."""
         if res.state == PENDING:
-            if self.model.overflows(res.chain, charge):
+            if self.commit_refused(res, charge):
                 return "INVALID_ARGUMENT"
             self.model.finish(res, charge, COMMITTED)
             return "OK"
         if res.state == EXPIRED and with_usage:
-            if self.model.overflows(res.chain, charge):
+            if self.commit_refused(res, charge):
                 return "INVALID_ARGUMENT"
             self.model.late_commit(res, charge)
             return "OK"
@@ -797,6 +810,8 @@ class LedgerMachine(RuleBasedStateMachine):
             for r in self.model.reservations.values()
             if r.state == PENDING and r.expires_at_us <= self.now_us
         ]
+        # An expiry whose charge no ledger figure can hold stays pending (and is retried).
+        due = [r for r in due if not self.commit_refused(r, r.usage[0] + r.usage[1])]
         for res in due:
             self.model.finish(res, res.usage[0] + res.usage[1], EXPIRED)
         self.entries(sum(len(r.chain) for r in due))
@@ -1214,11 +1229,14 @@ class LedgerMachine(RuleBasedStateMachine):
             self.expect(code, "FAILED_PRECONDITION", "finish of a released reservation", events)
             self.forget_stream(live, res)
             return
-        if res.state == PENDING and self.model.overflows(res.chain, charge):
-            self.expect(code, "INVALID_ARGUMENT", f"finish over int64 {charge}", events)
+        if res.state == PENDING and code == "INVALID_ARGUMENT":
+            # Usage reported with finish may have grown the grant first: judge the refusal
+            # with the hold the commit saw.
+            self.count(code)
             self.forget_stream(live, res)
             res.usage = live.usage  # taken in by the session, recorded when it closed
             self.sync_hold(res)
+            assert self.commit_refused(res, charge), f"finish refused: {live.stream.details}"
             return
         self.expect(code, "OK", f"finish of a {res.state} reservation", live.stream.details)
         assert len(committed) == 1, events
@@ -1583,4 +1601,16 @@ async def test_a_refused_charge_can_be_retried(api: Stubs) -> None:
     retried = await api.budget.Charge(spooled)
     assert not retried.replayed
     assert retried.charged == 2_000_000  # $1 and $2 per million tokens: $0.002
+    await assert_ledger_clean(api)
+
+
+async def test_a_commit_within_its_hold_is_not_refused(api: Stubs) -> None:
+    await create(api, "fz:full", 0, mode=pb.MODE_SOFT)
+    await api.budget.Reserve(pb.ReserveRequest(budget_id="fz:full", amount=AMOUNT_MAX))
+    held = await api.budget.Reserve(pb.ReserveRequest(budget_id="fz:full", amount=AMOUNT_MAX - 10))
+    done = await api.budget.Commit(  # spent + reserved stays 2**63 - 10: it fits
+        pb.CommitRequest(reservation_id=held.reservation.id, amount=AMOUNT_MAX - 10)
+    )
+    assert done.charged == AMOUNT_MAX - 10
+    assert (done.budget.spent, done.budget.reserved) == (AMOUNT_MAX - 10, AMOUNT_MAX)
     await assert_ledger_clean(api)

@@ -292,7 +292,12 @@ class ChainBatch:
         raise TypeError(f"unknown operation {op!r}")
 
     def _amounts(
-        self, amount: int, estimate: Usage | None, model: str, what: str
+        self,
+        amount: int,
+        estimate: Usage | None,
+        model: str,
+        what: str,
+        released: dict[str, int] | None = None,
     ) -> dict[str, int]:
         """What an amount or a usage estimate means in each budget's own unit.
 
@@ -314,7 +319,8 @@ class ChainBatch:
             amounts = dict.fromkeys(self.chain_ids, amount)
         for budget in self.chain:
             value = amounts[budget.id]
-            if value > AMOUNT_MAX or budget.spent + budget.reserved + value > INT64_MAX:
+            after = budget.spent + budget.reserved - (released or {}).get(budget.id, 0) + value
+            if value > AMOUNT_MAX or after > INT64_MAX:
                 raise InvalidArgument(
                     f"the {what} comes to {value} {budget.unit.lower()} on budget {budget.id!r}, "
                     f"beyond what a ledger figure can hold (AMOUNT_MAX = {AMOUNT_MAX})"
@@ -539,13 +545,13 @@ class ChainBatch:
                 # The committed usage is final (often the provider's own count), so it may
                 # be below what the client estimated while streaming. Priced before anything
                 # changes, so a refused commit leaves the reservation as it was.
-                charges = self._amounts(0, op.usage, res.model, "commit")
+                charges = self._amounts(0, op.usage, res.model, "commit", res.holds)
                 res.usage = op.usage
                 res.usage_changed = True
             else:
-                charges = self._amounts(op.amount, None, res.model, "commit")
+                charges = self._amounts(op.amount, None, res.model, "commit", res.holds)
         elif kind == "EXPIRE" and not res.usage.is_zero:
-            charges = self._amounts(0, res.usage, res.model, "expiry")
+            charges = self._amounts(0, res.usage, res.model, "expiry", res.holds)
 
         labels = json.dumps(res.labels, sort_keys=True)
         for budget in self.chain:

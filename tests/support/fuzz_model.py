@@ -144,6 +144,12 @@ class LedgerModel:
         res.charged += extra
         res.state = COMMITTED
 
-    def overflows(self, chain: tuple[str, ...], charge: int) -> bool:
-        """Whether a charge is refused as beyond what a ledger figure can hold."""
-        return self.out_of_bounds(chain, charge) is not None
+    def overflows(self, chain: tuple[str, ...], charge: int, released: int = 0) -> bool:
+        """Whether a charge is refused as beyond what a ledger figure can hold, when the
+        same operation releases `released` of what the chain holds."""
+        for budget_id in chain:
+            budget = self.budgets[budget_id]
+            after = budget.spent + budget.reserved - released + charge
+            if charge > AMOUNT_MAX or after > INT64_MAX:
+                return True
+        return False
