@@ -44,9 +44,7 @@ def clock() -> ManualClock:
 @pytest.fixture
 async def server(db_url: str, clock: ManualClock) -> AsyncIterator[BudgetServer]:
     # Ledger tests run without API keys (loopback only); tests/test_auth.py covers keys.
-    config = ServerConfig(
-        listen="127.0.0.1:0", db_url=db_url, sweep_interval_s=0.05, insecure=True
-    )
+    config = ServerConfig(listen="127.0.0.1:0", db_url=db_url, sweep_interval_s=0.05, insecure=True)
     async with BudgetServer(config, clock=clock) as running:
         yield running
 

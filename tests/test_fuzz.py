@@ -87,7 +87,7 @@ from tests.support.meter import (
 )
 from tests.support.servers import Stubs
 
-EXAMPLES = int(os.environ.get("BUDGETD_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("BUDGETD_FUZZ_EXAMPLES", "60"))
 STEPS = int(os.environ.get("BUDGETD_FUZZ_STEPS", "30"))
 
 RPC_S = 30.0
@@ -103,10 +103,7 @@ AFTER_EVERYTHING_S = 25 * 3600  # past TTL_MAX_MS: every reservation left has ex
 # Refusals a bad request may get. UNKNOWN and INTERNAL mean a bug in budgetd.
 REFUSALS = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"}
 
-KNOWN_BUGS: set[str] = {
-    "refused-charge-leaves-reservation",  # test_a_refused_charge_can_be_retried
-    "commit-bound-counts-hold-twice",  # test_a_commit_within_its_hold_is_not_refused
-}
+KNOWN_BUGS: set[str] = set()
 """Fuzzed inputs that reach a product bug with its own xfail test below; the machine
 stays away from them so that it keeps looking for new ones. Empty once they are fixed."""
 
@@ -528,6 +525,8 @@ class LedgerMachine(RuleBasedStateMachine):
         if ttl:
             res.expires_at_us = self.now_us + ttl * 1000
         assert response.reservation.granted == res.hold
+        if res.live:  # a live stream pushes the expiry too (extensions, heartbeats)
+            res.expires_at_us = response.reservation.expires_at_us
         assert response.reservation.expires_at_us == res.expires_at_us
         self.check_budget(response.budget)
         self.entries(len(res.chain))
@@ -570,13 +569,12 @@ class LedgerMachine(RuleBasedStateMachine):
     def commit_refused(self, res: ModelReservation, charge: int) -> bool:
         """Whether committing (or expiring) `res` at `charge` is refused as beyond what a
         ledger figure can hold: spent + reserved after the operation past int64. While
-        KNOWN_BUGS has "commit-bound-counts-hold-twice" the model follows budgetd, which
-        also counts the hold that the operation releases (or, late, the part already
-        charged)."""
-        if "commit-bound-counts-hold-twice" in KNOWN_BUGS:
-            return self.model.overflows(res.chain, charge)
+        KNOWN_BUGS has "late-commit-bound-counts-charged" the model follows budgetd, which
+        bounds a late commit by its whole charge, not by what it adds."""
         if res.state == PENDING:
             return self.model.overflows(res.chain, charge, released=res.hold)
+        if "late-commit-bound-counts-charged" in KNOWN_BUGS:
+            return self.model.overflows(res.chain, charge)
         return self.model.overflows(res.chain, max(0, charge - res.charged))
 
     def charge_outcome(self, res: ModelReservation, charge: int, with_usage: bool) -> str:
@@ -755,8 +753,6 @@ class LedgerMachine(RuleBasedStateMachine):
             request.amount = amount
         earlier = self.model.keys.get((budget.id, request.idempotency_key))
         overflowing = earlier is None and self.model.overflows(chain, amount)
-        if overflowing and key is not None and "refused-charge-leaves-reservation" in KNOWN_BUGS:
-            return
         outcome, response = code_of(lambda: self.run.budget.Charge(request, timeout=RPC_S))
         if key is None or (amount == 0 and not with_usage):
             self.expect(outcome, "INVALID_ARGUMENT", "Charge without key or amount", response)
@@ -1292,20 +1288,18 @@ class LedgerMachine(RuleBasedStateMachine):
                 )
             )
         )
+        if budget_id:  # checked first: naming another budget changes nothing, in any state
+            assert event is None, event
+            code = stream.code.name if stream.code else "?"
+            self.expect(code, "INVALID_ARGUMENT", "resume naming another budget", stream.details)
+            stream.close()
+            self.entries(0)
+            return
         if res.state != PENDING:
             assert event is None, event
             code = stream.code.name if stream.code else "?"
             self.expect(code, "FAILED_PRECONDITION", f"resume of {res.state}", stream.details)
             stream.close()
-            self.entries(0)
-            return
-        if budget_id:
-            assert event is None, event
-            code = stream.code.name if stream.code else "?"
-            self.expect(code, "INVALID_ARGUMENT", "resume naming another budget", stream.details)
-            stream.close()
-            found = self.server_reservation(res)
-            res.expires_at_us = found.expires_at_us
             self.entries(0)
             return
         assert event is not None, f"resume refused: {stream.code} {stream.details}"
@@ -1613,4 +1607,29 @@ async def test_a_commit_within_its_hold_is_not_refused(api: Stubs) -> None:
     )
     assert done.charged == AMOUNT_MAX - 10
     assert (done.budget.spent, done.budget.reserved) == (AMOUNT_MAX - 10, AMOUNT_MAX)
+    await assert_ledger_clean(api)
+
+
+async def test_a_late_commit_is_bounded_by_what_it_adds(
+    api: Stubs, server: BudgetServer, clock: ManualClock
+) -> None:
+    await create(api, "fz:late", 0, mode=pb.MODE_SOFT)
+    await api.budget.Reserve(
+        pb.ReserveRequest(budget_id="fz:late", amount=AMOUNT_MAX, ttl_ms=TTL_MAX_MS)
+    )
+    call, opened = await open_stream(api, open_request("fz:late"))
+    half = AMOUNT_MAX // 2
+    await call.write(usage_request(0, half))
+    await asyncio.sleep(0.3)  # the grant grows to cover it (a SOFT budget)
+    call.cancel()
+    await asyncio.sleep(0.3)  # the broken stream's close records its usage
+    clock.advance(seconds=61)
+    assert server.ledger is not None
+    assert await sweep_once(server.ledger, clock) == 1  # expired, charged `half`
+    more = pb.Usage(output_tokens=half + 1)  # one token more than was charged at expiry
+    done = await api.budget.Commit(
+        pb.CommitRequest(reservation_id=opened.reservation_id, usage=more)
+    )
+    assert done.charged == half + 1
+    assert (done.budget.spent, done.budget.reserved) == (half + 1, AMOUNT_MAX)
     await assert_ledger_clean(api)

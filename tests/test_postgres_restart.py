@@ -174,14 +174,6 @@ async def budgetd_on_postgres() -> object:
                 await server.process.wait()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger/actors.py _is_connection_error: a connection refused while PostgreSQL "
-    "shuts down or starts up (asyncpg CannotConnectNowError, SQLSTATE 57P03) reaches "
-    "budgetd as a plain sqlalchemy DBAPIError with connection_invalidated False, so the "
-    "batch fails as a bug and the call gets INTERNAL instead of UNAVAILABLE (budgetd "
-    "itself reconnects and charges every operation exactly once)",
-)
 async def test_budgetd_rides_out_a_postgres_restart(budgetd_on_postgres: ServerProcess) -> None:
     budgetd = budgetd_on_postgres
     version, name = cluster()

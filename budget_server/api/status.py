@@ -19,7 +19,8 @@ from google.rpc import status_pb2
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.api.convert import UNIT_VALUES
 from budget_server.api.handlers import MalformedRequest
-from budget_server.errors import BudgetExhausted, LedgerError
+from budget_server.db.errors import is_unavailable
+from budget_server.errors import BudgetExhausted, LedgerError, Unavailable
 
 log = logging.getLogger("budgetd.api")
 
@@ -68,7 +69,9 @@ def unary(
             await abort(context, error)
         except grpc.aio.AbortError:
             raise
-        except Exception:
+        except Exception as exc:
+            if is_unavailable(exc):
+                await abort(context, Unavailable(f"the ledger database is unavailable: {exc}"))
             log.exception("%s failed", handler.__qualname__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 

@@ -14,9 +14,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError
 
 from budget_server.db.engine import Database
+from budget_server.db.errors import is_unavailable
 from budget_server.errors import LedgerError, Overloaded, Unavailable
 from budget_server.events.model import BudgetEvent
 from budget_server.events.publisher import EventPublisher
@@ -32,12 +33,6 @@ INTEGRITY_RETRIES_MAX = 2
 
 # Sees every batch after it committed (events for watchers, logs, metrics).
 BatchObserver = Callable[[Sequence[Op], Sequence[OpResult | LedgerError | BaseException]], None]
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    if isinstance(exc, InterfaceError | OperationalError | ConnectionError | OSError):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 class BudgetActor:
@@ -106,7 +101,7 @@ class BudgetActor:
         except LedgerError as error:  # the whole batch was refused (e.g. budget deleted)
             results = [error] * len(batch)
         except Exception as exc:
-            if _is_connection_error(exc):
+            if is_unavailable(exc):
                 log.warning("database unavailable for budget %s: %s", self.budget_id, exc)
                 results = [Unavailable(f"the ledger database is unavailable: {exc}")] * len(batch)
             else:

@@ -588,7 +588,8 @@ class ChainBatch:
     def _late_commit(self, res: ReservationState, usage: Usage, actor: str) -> OpResult:
         """A commit that arrives after expiry: the reservation was charged at the last usage
         the server knew of; charge the rest of the real usage now, never less than before."""
-        charges = self._amounts(0, usage, res.model, "commit")
+        # Bounded by what it adds: the part already charged is in `spent` already.
+        charges = self._amounts(0, usage, res.model, "commit", res.charges)
         labels = json.dumps(res.labels, sort_keys=True)
         for budget in self.chain:
             extra = max(0, charges[budget.id] - res.charges.get(budget.id, 0))

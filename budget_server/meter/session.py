@@ -132,17 +132,17 @@ class MeterSession:
         self.max_output_tokens = validation.amount(
             message.max_output_tokens, "max_output_tokens", allow_zero=True
         )
-        result = await self._ledger.record_usage(
+        owner = await self._ledger.owner_of(reservation_id)
+        if message.budget_id and message.budget_id != owner:  # checked before anything changes
+            raise InvalidArgument(
+                f"reservation {reservation_id!r} belongs to budget {owner!r}, "
+                f"not {message.budget_id!r}"
+            )
+        return await self._ledger.record_usage(
             RecordUsageOp(
                 reservation_id=reservation_id, usage=None, ttl_ms=self._policy.ttl_ms, actor="meter"
             )
         )
-        if message.budget_id and message.budget_id != result.reservation.budget_id:
-            raise InvalidArgument(
-                f"reservation {reservation_id!r} belongs to budget "
-                f"{result.reservation.budget_id!r}, not {message.budget_id!r}"
-            )
-        return result
 
     # ------------------------------------------------------------------ usage
 
