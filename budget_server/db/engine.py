@@ -5,6 +5,8 @@ lock before it reads the figures it decides on (a deferred BEGIN would let two r
 both decide, then one fail to upgrade its lock). Writers in this process also queue on
 an asyncio lock first, so waiting happens in the event loop rather than in SQLite's
 sleeping busy handler, whose back-off adds tens of milliseconds under contention.
+For a file database, the ledger's own batches go through `sqlite_writer.SqliteWriter`
+(one thread, many budgets per transaction) rather than this engine.
 
 PostgreSQL: rows are locked with SELECT ... FOR UPDATE, root-first, which is what lets
 several budgetd processes share one database.
@@ -18,10 +20,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from budget_server.db.sqlite_writer import SqliteWriter
 from budget_server.errors import InvalidArgument
 
 SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
@@ -34,6 +37,8 @@ class Database:
     engine: AsyncEngine
     url_for_display: str
     _write_gate: asyncio.Lock | None = field(default=None, repr=False)
+    # SQLite file databases: the ledger's batches, group-committed on one thread.
+    sqlite_writer: SqliteWriter | None = field(default=None, repr=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -64,6 +69,8 @@ class Database:
             yield conn
 
     async def close(self) -> None:
+        if self.sqlite_writer is not None:
+            await self.sqlite_writer.close()
         await self.engine.dispose()
 
 
@@ -83,16 +90,25 @@ def open_database(url: str, *, pool_size: int = 10, echo: bool = False) -> Datab
         engine = create_async_engine(
             parsed, echo=echo, pool_size=4, max_overflow=0, connect_args={"timeout": 30}
         )
-        _configure_sqlite(engine)
-        return Database(engine, display, asyncio.Lock())
+        _configure_sqlite(engine.sync_engine)
+        gate = asyncio.Lock()
+        writer = None
+        if _is_file(parsed):
+            writer = SqliteWriter(parsed.set(drivername="sqlite"), gate, _configure_sqlite)
+        return Database(engine, display, gate, writer)
     engine = create_async_engine(
         parsed, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
     )
     return Database(engine, display)
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _is_file(url: URL) -> bool:
+    """A second (sync) connection sees the same database only if it is a plain file."""
+    return bool(url.database) and url.database != ":memory:" and not url.query
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take over BEGIN from the driver so it can be BEGIN IMMEDIATE (SQLAlchemy's recipe).
         dbapi_connection.isolation_level = None
@@ -103,7 +119,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Writers take the write lock up front; readers must not (on WAL they never wait).
         write = conn.get_execution_options().get("budgetd_write", False)

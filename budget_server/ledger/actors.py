@@ -2,6 +2,10 @@
 whatever has queued up while the previous transaction ran as one transaction (group
 commit). A hot budget therefore costs one SQL transaction per batch, not per call.
 
+On a SQLite file the batch is handed to the database's single writer thread
+(`db.sqlite_writer`), which commits the batches of every budget queued meanwhile in one
+transaction, each in its own savepoint; elsewhere it runs on the async engine.
+
 The actor only orders work inside this process; correctness across processes comes from
 the row locks and compare-and-set writes in `txn.ChainBatch`.
 """
@@ -14,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from budget_server.db.engine import Database
@@ -22,7 +27,7 @@ from budget_server.errors import LedgerError, Overloaded, Unavailable
 from budget_server.events.model import BudgetEvent
 from budget_server.events.publisher import EventPublisher
 from budget_server.ledger.model import Op, OpResult
-from budget_server.ledger.txn import ChainBatch, ConcurrentWrite
+from budget_server.ledger.txn import ChainBatch, ConcurrentWrite, NeedsAsync
 from budget_server.limits import ACTOR_QUEUE_MAX, BATCH_OPS_MAX
 from budget_server.metrics import Metrics
 
@@ -30,6 +35,8 @@ log = logging.getLogger("budgetd.actors")
 
 CONFLICT_RETRIES_MAX = 8
 INTEGRITY_RETRIES_MAX = 2
+
+BatchOutcome = tuple[list[OpResult | LedgerError], list[BudgetEvent]]
 
 # Sees every batch after it committed (events for watchers, logs, metrics).
 BatchObserver = Callable[[Sequence[Op], Sequence[OpResult | LedgerError | BaseException]], None]
@@ -124,20 +131,17 @@ class BudgetActor:
         if self._on_batch is not None:
             self._on_batch(batch, results)
 
-    async def _transact(
-        self, batch: list[Op]
-    ) -> tuple[list[OpResult | LedgerError], list[BudgetEvent]]:
+    async def _transact(self, batch: list[Op]) -> BatchOutcome:
         integrity_failures = 0
+        writer = self._db.sqlite_writer
         for _attempt in range(CONFLICT_RETRIES_MAX):
             try:
-                async with self._db.write() as conn:
-                    txn = ChainBatch(
-                        conn, self.chain_ids, self._now_us(), self._db.locks_rows, self._publisher
-                    )
-                    await txn.load(batch)
-                    results = [txn.apply(op) for op in batch]
-                    await txn.flush()
-                return results, txn.events
+                if writer is not None:
+                    try:
+                        return await writer.run(self._sync_job(batch, self._now_us()))
+                    except NeedsAsync:
+                        pass  # alerts fired: record them (outbox) on the async path
+                return await self._transact_async(batch)
             except ConcurrentWrite as exc:
                 log.info("write conflict on %s (%s); retrying batch", self.budget_id, exc)
                 await asyncio.sleep(0)
@@ -149,3 +153,27 @@ class BudgetActor:
                     raise
                 await asyncio.sleep(0)
         raise Unavailable(f"budget {self.budget_id!r} is too contended; retry")
+
+    async def _transact_async(self, batch: list[Op]) -> BatchOutcome:
+        async with self._db.write() as conn:
+            txn = ChainBatch(
+                conn, self.chain_ids, self._now_us(), self._db.locks_rows, self._publisher
+            )
+            await txn.load(batch)
+            results = [txn.apply(op) for op in batch]
+            await txn.flush()
+        return results, txn.events
+
+    def _sync_job(self, batch: list[Op], now_us: int) -> Callable[[Connection], BatchOutcome]:
+        """The batch as one plain function, run on the SQLite writer thread. It touches
+        only its own ChainBatch and the (immutable) ops, never their futures."""
+        chain_ids, publisher = self.chain_ids, self._publisher
+
+        def job(conn: Connection) -> BatchOutcome:
+            txn = ChainBatch(None, chain_ids, now_us, False, publisher)
+            txn.load_sync(conn, batch)
+            results = [txn.apply(op) for op in batch]
+            txn.flush_sync(conn)
+            return results, txn.events
+
+        return job

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -55,7 +56,7 @@ from budget_server.ledger.model import (
     ReservationView,
     ReserveOp,
 )
-from budget_server.ledger.prices import load_prices
+from budget_server.ledger.steps import Steps, price_steps, run_async, run_sync
 from budget_server.ledger.usage import ZERO_USAGE, Price, Usage, cost
 from budget_server.ledger.windows import window_bounds
 from budget_server.limits import AMOUNT_MAX, INT64_MAX
@@ -66,6 +67,12 @@ RESERVATION_OPS = (ExtendOp, CommitOp, ReleaseOp, ExpireOp, RecordUsageOp)
 
 class ConcurrentWrite(Exception):
     """A budget row changed under us (another process): the batch must be retried."""
+
+
+class NeedsAsync(Exception):
+    """The batch fired alerts, whose outbox and notifications are written by async code:
+    the sync (SQLite writer thread) attempt is abandoned and the batch runs on the async
+    path instead. Alerts fire once per threshold per window, so this is rare."""
 
 
 def new_reservation_id() -> str:
@@ -168,7 +175,7 @@ class ChainBatch:
 
     def __init__(
         self,
-        conn: AsyncConnection,
+        conn: AsyncConnection | None,
         chain_ids: Sequence[str],
         now_us: int,
         lock_rows: bool,
@@ -190,6 +197,13 @@ class ChainBatch:
     # ------------------------------------------------------------------ reading
 
     async def load(self, ops: Sequence[Op]) -> None:
+        assert self.conn is not None
+        await run_async(self.conn, self._load_steps(ops))
+
+    def load_sync(self, conn: Connection, ops: Sequence[Op]) -> None:
+        run_sync(conn, self._load_steps(ops))
+
+    def _load_steps(self, ops: Sequence[Op]) -> Steps[None]:
         query = (
             select(budgets)
             .where(budgets.c.id.in_(self.chain_ids), budgets.c.deleted_at_us == 0)
@@ -197,7 +211,7 @@ class ChainBatch:
         )
         if self.lock_rows:
             query = query.with_for_update()
-        rows = (await self.conn.execute(query)).all()
+        rows = (yield query, None).all()
         if len(rows) != len(self.chain_ids):
             missing = set(self.chain_ids) - {row.id for row in rows}
             raise NotFound(f"budget {sorted(missing)[0]!r} does not exist")
@@ -222,13 +236,14 @@ class ChainBatch:
                 )
             )
         if conditions:
-            res_rows = (await self.conn.execute(select(reservations).where(or_(*conditions)))).all()
+            res_rows = (yield select(reservations).where(or_(*conditions)), None).all()
             if res_rows:
                 hold_rows = (
-                    await self.conn.execute(
+                    yield (
                         select(reservation_holds).where(
                             reservation_holds.c.reservation_id.in_([r.id for r in res_rows])
-                        )
+                        ),
+                        None,
                     )
                 ).all()
                 for row in res_rows:
@@ -242,7 +257,7 @@ class ChainBatch:
             models = {getattr(op, "model", "") for op in ops} | {
                 r.model for r in self.reservations.values()
             }
-            self.prices = await load_prices(self.conn, {m for m in models if m})
+            self.prices = yield from price_steps({m for m in models if m})
 
     @staticmethod
     def _reservation_from_row(row: Any) -> ReservationState:
@@ -634,19 +649,36 @@ class ChainBatch:
 
     # ------------------------------------------------------------------ writing
 
-    async def flush(self) -> None:
-        now = self.now_us
+    def _fire_alerts(self) -> None:
         for budget in self.chain:
             if (
                 budget.spent != budget.read_figures[0]
                 or budget.window_start_us != budget.read_figures[3]
             ):
-                self.events.extend(fire_alerts(budget, now))
+                self.events.extend(fire_alerts(budget, self.now_us))
+
+    async def flush(self) -> None:
+        assert self.conn is not None
+        self._fire_alerts()
+        await run_async(self.conn, self._flush_steps(self.conn.dialect))
+        if self.events and self.publisher is not None:
+            await self.publisher.in_transaction(self.conn, self.events, self.now_us)
+
+    def flush_sync(self, conn: Connection) -> None:
+        """Write back on a sync connection; raises NeedsAsync, before writing, if the batch
+        fired alerts that a publisher must record (its outbox code is async)."""
+        self._fire_alerts()
+        if self.events and self.publisher is not None:
+            raise NeedsAsync()
+        run_sync(conn, self._flush_steps(conn.dialect))
+
+    def _flush_steps(self, dialect: Dialect) -> Steps[None]:
+        now = self.now_us
         for budget in self.chain:
             if not budget.changed:
                 continue
             spent0, reserved0, overage0, window0, alerted0 = budget.read_figures
-            result = await self.conn.execute(
+            result = yield (
                 update(budgets)
                 .where(
                     budgets.c.id == budget.id,
@@ -663,14 +695,15 @@ class ChainBatch:
                     window_start_us=budget.window_start_us,
                     alerted_pct=budget.alerted_pct,
                     updated_at_us=now,
-                )
+                ),
+                None,
             )
             if result.rowcount != 1:
                 raise ConcurrentWrite(budget.id)
 
         new = [r for r in self.reservations.values() if r.is_new]
         if new:
-            await self.conn.execute(
+            yield (
                 insert(reservations),
                 [
                     {
@@ -703,7 +736,7 @@ class ChainBatch:
                 for budget_id, held in r.holds.items()
             ]
             ledger_assert(len(hold_rows) >= len(new), "a new reservation has no holds")
-            await self.conn.execute(insert(reservation_holds), hold_rows)
+            yield insert(reservation_holds), hold_rows
 
         changed = [
             r
@@ -712,7 +745,7 @@ class ChainBatch:
             and (r.state != r.read_state or r.usage_changed or r.expiry_changed or r.holds_changed)
         ]
         if changed:
-            result = await self.conn.execute(
+            result = yield (
                 update(reservations)
                 .where(
                     reservations.c.id == bindparam("r_id"),
@@ -752,7 +785,7 @@ class ChainBatch:
             )
             # A reservation leaves PENDING exactly once. Where the driver reports rows
             # matched by an executemany, check it; elsewhere the chain's row locks ensure it.
-            if self.conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(changed):
+            if dialect.supports_sane_multi_rowcount and result.rowcount != len(changed):
                 raise ConcurrentWrite("reservations")
 
         holds = [
@@ -761,7 +794,7 @@ class ChainBatch:
             if not r.is_new and (r.holds_changed or r.state != r.read_state)
         ]
         if holds:
-            await self.conn.execute(
+            yield (
                 update(reservation_holds)
                 .where(
                     reservation_holds.c.reservation_id == bindparam("h_res"),
@@ -781,9 +814,9 @@ class ChainBatch:
             )
 
         if self.events:
-            await self._record_alerts()
+            yield self._alert_rows()
         if self.entries:
-            await self.conn.execute(
+            yield (
                 insert(ledger_entries),
                 [
                     {
@@ -804,8 +837,8 @@ class ChainBatch:
                 ],
             )
 
-    async def _record_alerts(self) -> None:
-        await self.conn.execute(
+    def _alert_rows(self) -> tuple[Any, list[dict[str, Any]]]:
+        return (
             insert(alerts),
             [
                 {
@@ -820,5 +853,3 @@ class ChainBatch:
                 for e in self.events
             ],
         )
-        if self.publisher is not None:
-            await self.publisher.in_transaction(self.conn, self.events, self.now_us)

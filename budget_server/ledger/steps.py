@@ -1,0 +1,84 @@
+"""Run a ledger transaction's statements on either a sync or an async connection.
+
+`ChainBatch` writes its reads and writes as a generator that yields statements and is sent
+their results ("sans I/O"). The same decision code then runs through SQLAlchemy's async
+engine (PostgreSQL, and SQLite when no sync writer is available) or, on SQLite, as one
+plain function on the writer thread (`db.sqlite_writer`), where each statement costs a
+direct sqlite3 call instead of a hop between the event loop and aiosqlite's thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, CursorResult, Executable, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from budget_server.db.schema import prices
+from budget_server.ledger.prices import DEFAULT_PRICE_MODEL, model_family
+from budget_server.ledger.usage import Price
+
+T = TypeVar("T")
+
+# A statement and its parameters (None, one dict, or a list of dicts for executemany).
+Step = tuple[Executable, Any]
+Steps = Generator[Step, CursorResult[Any], T]
+
+
+async def run_async(conn: AsyncConnection, steps: Steps[T]) -> T:
+    """Drive `steps` on an async connection, one awaited statement at a time."""
+    try:
+        statement, params = next(steps)
+        while True:
+            result = await conn.execute(statement, params)
+            statement, params = steps.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        steps.close()
+
+
+def run_sync(conn: Connection, steps: Steps[T]) -> T:
+    """Drive `steps` on a sync connection (the SQLite writer thread)."""
+    try:
+        statement, params = next(steps)
+        while True:
+            statement, params = steps.send(conn.execute(statement, params))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        steps.close()
+
+
+def _candidates(model: str) -> list[str]:
+    names = [model]
+    if (family := model_family(model)) != model:
+        names.append(family)
+    names.append(DEFAULT_PRICE_MODEL)
+    return names
+
+
+def price_steps(models: Iterable[str]) -> Steps[dict[str, Price]]:
+    """`prices.load_prices` as steps: exact name first, then family, then the default."""
+    wanted = {m: _candidates(m) for m in set(models)}
+    names = {n for cands in wanted.values() for n in cands}
+    if not names:
+        return {}
+    rows = (yield select(prices).where(prices.c.model.in_(names)), None).all()
+    by_name = {
+        row.model: Price(
+            model=row.model,
+            input_nanousd_per_mtok=row.input_nanousd_per_mtok,
+            cached_input_nanousd_per_mtok=row.cached_input_nanousd_per_mtok,
+            output_nanousd_per_mtok=row.output_nanousd_per_mtok,
+        )
+        for row in rows
+    }
+    resolved: dict[str, Price] = {}
+    for model, cands in wanted.items():
+        for name in cands:
+            if name in by_name:
+                resolved[model] = by_name[name]
+                break
+    return resolved
