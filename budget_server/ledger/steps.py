@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Generator, Iterable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, CursorResult, Executable, select
+from sqlalchemy import Connection, CursorResult, Executable
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from budget_server.db.schema import prices
 from budget_server.ledger.prices import DEFAULT_PRICE_MODEL, model_family
+from budget_server.ledger.statements import SELECT_PRICES
 from budget_server.ledger.usage import Price
 
 T = TypeVar("T")
@@ -65,7 +65,7 @@ def price_steps(models: Iterable[str]) -> Steps[dict[str, Price]]:
     names = {n for cands in wanted.values() for n in cands}
     if not names:
         return {}
-    rows = (yield select(prices).where(prices.c.model.in_(names)), None).all()
+    rows = (yield SELECT_PRICES, {"names": sorted(names)}).all()
     by_name = {
         row.model: Price(
             model=row.model,

@@ -16,18 +16,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Connection
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.elements import ColumnElement
 
-from budget_server.db.schema import (
-    alerts,
-    budgets,
-    ledger_entries,
-    reservation_holds,
-    reservations,
-)
 from budget_server.errors import (
     BudgetExhausted,
     BudgetFrozen,
@@ -39,6 +31,7 @@ from budget_server.errors import (
 )
 from budget_server.events.model import BudgetEvent
 from budget_server.events.publisher import EventPublisher
+from budget_server.ledger import statements as SQL
 from budget_server.ledger.alerts import fire_alerts
 from budget_server.ledger.model import (
     BudgetState,
@@ -204,14 +197,8 @@ class ChainBatch:
         run_sync(conn, self._load_steps(ops))
 
     def _load_steps(self, ops: Sequence[Op]) -> Steps[None]:
-        query = (
-            select(budgets)
-            .where(budgets.c.id.in_(self.chain_ids), budgets.c.deleted_at_us == 0)
-            .order_by(budgets.c.depth, budgets.c.id)
-        )
-        if self.lock_rows:
-            query = query.with_for_update()
-        rows = (yield query, None).all()
+        query = SQL.SELECT_CHAIN_FOR_UPDATE if self.lock_rows else SQL.SELECT_CHAIN
+        rows = (yield query, {"ids": list(self.chain_ids)}).all()
         if len(rows) != len(self.chain_ids):
             missing = set(self.chain_ids) - {row.id for row in rows}
             raise NotFound(f"budget {sorted(missing)[0]!r} does not exist")
@@ -225,27 +212,18 @@ class ChainBatch:
             for op in ops
             if isinstance(op, ReserveOp | ChargeOp) and op.idempotency_key
         ]
-        conditions: list[ColumnElement[bool]] = []
-        if ids:
-            conditions.append(reservations.c.id.in_(ids))
-        if keys:
-            conditions.append(
-                and_(
-                    reservations.c.budget_id == self.chain_ids[-1],
-                    reservations.c.idempotency_key.in_(keys),
-                )
-            )
-        if conditions:
-            res_rows = (yield select(reservations).where(or_(*conditions)), None).all()
+        by_key = {"budget_id": self.chain_ids[-1], "keys": keys}
+        found: Any = None
+        if ids and keys:
+            found = yield SQL.SELECT_RESERVATIONS_BY_ID_OR_KEY, {"ids": ids, **by_key}
+        elif ids:
+            found = yield SQL.SELECT_RESERVATIONS_BY_ID, {"ids": ids}
+        elif keys:
+            found = yield SQL.SELECT_RESERVATIONS_BY_KEY, by_key
+        if found is not None:
+            res_rows = found.all()
             if res_rows:
-                hold_rows = (
-                    yield (
-                        select(reservation_holds).where(
-                            reservation_holds.c.reservation_id.in_([r.id for r in res_rows])
-                        ),
-                        None,
-                    )
-                ).all()
+                hold_rows = (yield SQL.SELECT_HOLDS, {"ids": [r.id for r in res_rows]}).all()
                 for row in res_rows:
                     self._remember(self._reservation_from_row(row))
                 for hold in hold_rows:
@@ -679,24 +657,21 @@ class ChainBatch:
                 continue
             spent0, reserved0, overage0, window0, alerted0 = budget.read_figures
             result = yield (
-                update(budgets)
-                .where(
-                    budgets.c.id == budget.id,
-                    budgets.c.spent == spent0,
-                    budgets.c.reserved == reserved0,
-                    budgets.c.overage == overage0,
-                    budgets.c.window_start_us == window0,
-                    budgets.c.alerted_pct == alerted0,
-                )
-                .values(
-                    spent=budget.spent,
-                    reserved=budget.reserved,
-                    overage=budget.overage,
-                    window_start_us=budget.window_start_us,
-                    alerted_pct=budget.alerted_pct,
-                    updated_at_us=now,
-                ),
-                None,
+                SQL.UPDATE_BUDGET_FIGURES,
+                {
+                    "b_id": budget.id,
+                    "b_spent0": spent0,
+                    "b_reserved0": reserved0,
+                    "b_overage0": overage0,
+                    "b_window0": window0,
+                    "b_alerted0": alerted0,
+                    "b_spent": budget.spent,
+                    "b_reserved": budget.reserved,
+                    "b_overage": budget.overage,
+                    "b_window": budget.window_start_us,
+                    "b_alerted": budget.alerted_pct,
+                    "b_now": now,
+                },
             )
             if result.rowcount != 1:
                 raise ConcurrentWrite(budget.id)
@@ -704,7 +679,7 @@ class ChainBatch:
         new = [r for r in self.reservations.values() if r.is_new]
         if new:
             yield (
-                insert(reservations),
+                SQL.INSERT_RESERVATIONS,
                 [
                     {
                         "id": r.id,
@@ -736,7 +711,7 @@ class ChainBatch:
                 for budget_id, held in r.holds.items()
             ]
             ledger_assert(len(hold_rows) >= len(new), "a new reservation has no holds")
-            yield insert(reservation_holds), hold_rows
+            yield SQL.INSERT_HOLDS, hold_rows
 
         changed = [
             r
@@ -746,24 +721,7 @@ class ChainBatch:
         ]
         if changed:
             result = yield (
-                update(reservations)
-                .where(
-                    reservations.c.id == bindparam("r_id"),
-                    reservations.c.state == bindparam("r_read_state"),
-                )
-                .values(
-                    state=bindparam("r_state"),
-                    input_tokens=bindparam("r_input"),
-                    cached_input_tokens=bindparam("r_cached"),
-                    output_tokens=bindparam("r_output"),
-                    reasoning_tokens=bindparam("r_reasoning"),
-                    grant_input_tokens=bindparam("r_grant_input"),
-                    grant_output_tokens=bindparam("r_grant_output"),
-                    charged=bindparam("r_charged"),
-                    overage=bindparam("r_overage"),
-                    expires_at_us=bindparam("r_expires"),
-                    finished_at_us=bindparam("r_finished"),
-                ),
+                SQL.UPDATE_RESERVATIONS,
                 [
                     {
                         "r_id": r.id,
@@ -795,12 +753,7 @@ class ChainBatch:
         ]
         if holds:
             yield (
-                update(reservation_holds)
-                .where(
-                    reservation_holds.c.reservation_id == bindparam("h_res"),
-                    reservation_holds.c.budget_id == bindparam("h_budget"),
-                )
-                .values(held=bindparam("h_held"), charged=bindparam("h_charged")),
+                SQL.UPDATE_HOLDS,
                 [
                     {
                         "h_res": r.id,
@@ -817,7 +770,7 @@ class ChainBatch:
             yield self._alert_rows()
         if self.entries:
             yield (
-                insert(ledger_entries),
+                SQL.INSERT_ENTRIES,
                 [
                     {
                         "budget_id": e.budget_id,
@@ -839,7 +792,7 @@ class ChainBatch:
 
     def _alert_rows(self) -> tuple[Any, list[dict[str, Any]]]:
         return (
-            insert(alerts),
+            SQL.INSERT_ALERTS,
             [
                 {
                     "event_id": e.id,
