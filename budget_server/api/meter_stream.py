@@ -1,9 +1,11 @@
 """BudgetService.Meter: a bidirectional stream per LLM response.
 
-A reader task takes the client's messages (open, cumulative usage, finish) and feeds the
-session; the handler itself only writes what the session has to say. The two are apart so
-that an abort is written the moment the session decides it, not when the next client
-message happens to arrive.
+The handler reads the client's messages (open, cumulative usage, finish) and feeds the
+session; what the session has to say goes through its Outbox, which writes it at once with
+`context.write` from a short-lived task. So an abort is written the moment the session
+decides it (from a usage message, an extension that ended, or a freeze on the bus), not
+when the next client message happens to arrive, and an idle open stream holds no task, no
+queue and no timer: heartbeats come from one loop for the whole process (Heartbeat).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from budget_server.api.status import abort
 from budget_server.auth.guard import current_key_id
 from budget_server.errors import InvalidArgument, LedgerError
 from budget_server.ledger.ledger import Ledger
+from budget_server.meter.heartbeat import Heartbeat
+from budget_server.meter.outbox import Outbox
 from budget_server.meter.policy import GrantPolicy
 from budget_server.meter.registry import SessionRegistry
 from budget_server.meter.session import MeterSession
 
 log = logging.getLogger("budgetd.meter")
-
-_END = object()  # the reader is done and nothing more will be written
 
 
 class MeterStreams:
@@ -39,6 +41,7 @@ class MeterStreams:
         self._ledger = ledger
         self._policy = policy
         self.registry = registry
+        self.heartbeat = Heartbeat(policy.heartbeat_ms)
         self._serving = 0
         self._all_closed = asyncio.Event()
         self._all_closed.set()
@@ -61,22 +64,16 @@ class MeterStreams:
             await abort(context, error)
         self._serving += 1
         self._all_closed.clear()
-        outbox: asyncio.Queue[pb.MeterEvent | LedgerError | object] = asyncio.Queue()
-        session = MeterSession(self._ledger, self._policy, outbox.put_nowait)
-        reader = asyncio.create_task(self._read(requests, session, outbox))
+        outbox = Outbox(context)
+        session = MeterSession(self._ledger, self._policy, outbox.put)
         try:
-            while True:
-                item = await outbox.get()
-                if item is _END:
-                    return
-                if isinstance(item, LedgerError):
-                    await abort(context, item)
-                assert isinstance(item, pb.MeterEvent)
-                yield item
+            failure = await self._read(requests, session, outbox)
+            await outbox.drained()  # everything said before the status goes out
+            if failure is not None:
+                await abort(context, failure)
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            outbox.close()
+            self.heartbeat.remove(session)
             self.registry.remove(session)
             self.registry.release(key_id)
             # Shielded: a cancelled call must still leave the reservation resumable and its
@@ -84,6 +81,11 @@ class MeterStreams:
             closing = asyncio.ensure_future(session.close())
             closing.add_done_callback(self._one_closed)
             await asyncio.shield(closing)
+        # Events are written by the Outbox, never yielded; grpc.aio (and the auth guard)
+        # recognise a streaming handler by it being an async generator, hence this one.
+        never: tuple[pb.MeterEvent, ...] = ()
+        for event in never:
+            yield event
 
     def _one_closed(self, _closing: asyncio.Future[None]) -> None:
         self._serving -= 1
@@ -94,8 +96,10 @@ class MeterStreams:
         self,
         requests: AsyncIterator[pb.MeterRequest | MalformedRequest],
         session: MeterSession,
-        outbox: asyncio.Queue[pb.MeterEvent | LedgerError | object],
-    ) -> None:
+        outbox: Outbox,
+    ) -> LedgerError | None:
+        """Feed the client's messages to the session until it finishes or the stream ends;
+        the error to end the call with, if any."""
         try:
             async for request in requests:
                 if isinstance(request, MalformedRequest):
@@ -106,23 +110,25 @@ class MeterStreams:
                         raise InvalidArgument("the first message of a meter stream must be open")
                     opened = await session.open(request.open)
                     self.registry.add(session)
-                    outbox.put_nowait(pb.MeterEvent(opened=opened))
+                    self.heartbeat.add(session)
+                    outbox.put(pb.MeterEvent(opened=opened))
                 elif kind == "open":
                     raise InvalidArgument("the stream is already open; send open only once")
                 elif kind == "usage":
                     session.on_usage(usage_from_pb(request.usage.usage))
                 elif kind == "finish":
                     final = usage_from_pb(request.finish.usage, "finish.usage")
+                    self.heartbeat.remove(session)  # the commit persists it from here on
                     committed = await session.finish(request.finish, final)
-                    outbox.put_nowait(pb.MeterEvent(committed=committed))
+                    outbox.put(pb.MeterEvent(committed=committed))
                     break
                 else:
                     raise InvalidArgument("empty meter message: set open, usage or finish")
         except LedgerError as error:
-            outbox.put_nowait(error)
+            return error
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("meter stream failed")
-            outbox.put_nowait(LedgerError("internal error; see the server log"))
-        outbox.put_nowait(_END)
+            return LedgerError("internal error; see the server log")
+        return None

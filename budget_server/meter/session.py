@@ -47,7 +47,29 @@ State = Literal["unopened", "open", "aborted", "finished", "broken"]
 
 
 class MeterSession:
-    """The server side of one Meter stream."""
+    """The server side of one Meter stream.
+
+    Slotted: a process holds one per open stream (tens of thousands), and a slotted object
+    is a fraction of the size of one with an instance dict."""
+
+    __slots__ = (
+        "_allowance",
+        "_allowance_at",
+        "_capped_by",
+        "_extension",
+        "_ledger",
+        "_persisted_usage",
+        "_policy",
+        "_send",
+        "beat_tick",
+        "budget_id",
+        "chain_ids",
+        "grant",
+        "max_output_tokens",
+        "reservation_id",
+        "state",
+        "usage",
+    )
 
     def __init__(
         self, ledger: Ledger, policy: GrantPolicy, send: Callable[[pb.MeterEvent], None]
@@ -68,7 +90,7 @@ class MeterSession:
         # Token bucket for usage messages: full at start, refilled at the policy's rate.
         self._allowance = float(2 * policy.usage_messages_per_s_max)
         self._allowance_at = time.monotonic()
-        self._heartbeat: asyncio.Task[None] | None = None
+        self.beat_tick = -1  # where the shared Heartbeat keeps it (heartbeat.py)
 
     # ------------------------------------------------------------------ open
 
@@ -93,7 +115,6 @@ class MeterSession:
         self.grant = reservation.grant
         self.usage = self._persisted_usage = reservation.usage
         self.state = "open"
-        self._heartbeat = asyncio.create_task(self._beat(), name=f"meter:{self.reservation_id}")
         log.debug("meter stream open", extra={"reservation_id": self.reservation_id})
         return pb.MeterOpened(
             reservation_id=reservation.id,
@@ -326,7 +347,6 @@ class MeterSession:
         if self._extension is not None:
             with contextlib.suppress(Exception):
                 await self._extension
-        self._stop_heartbeat()
         result = await self._ledger.commit(
             CommitOp(reservation_id=self.reservation_id, usage=final_usage, amount=0, actor="meter")
         )
@@ -341,7 +361,6 @@ class MeterSession:
     async def close(self) -> None:
         """The stream ended. Unless it finished, keep the reservation for a resume window,
         with its last usage persisted, after which the sweeper charges that usage."""
-        self._stop_heartbeat()
         if self._extension is not None:
             self._extension.cancel()
         if self.state not in ("open", "aborted"):
@@ -365,28 +384,24 @@ class MeterSession:
 
     # ------------------------------------------------------------------ heartbeat
 
-    async def _beat(self) -> None:
+    async def beat(self) -> None:
         """Persist usage and push the expiry while the stream lives, so a live stream's
-        reservation never expires and a crash loses at most one beat of usage."""
-        interval_s = self._policy.heartbeat_ms / 1000
-        while True:
-            await asyncio.sleep(interval_s)
-            if self.state != "open" or self._extension is not None:
-                continue
-            try:
-                await self._ledger.record_usage(
-                    RecordUsageOp(
-                        reservation_id=self.reservation_id,
-                        usage=self.usage,
-                        ttl_ms=self._policy.ttl_ms,
-                        actor="meter",
-                    )
+        reservation never expires and a crash loses at most one beat of usage. Called every
+        heartbeat_ms by the process's one Heartbeat (heartbeat.py), not by a task per stream.
+        An extension in flight persists usage and pushes the expiry itself."""
+        if self.state != "open" or self._extension is not None:
+            return
+        usage = self.usage
+        try:
+            await self._ledger.record_usage(
+                RecordUsageOp(
+                    reservation_id=self.reservation_id,
+                    usage=usage,
+                    ttl_ms=self._policy.ttl_ms,
+                    actor="meter",
                 )
-                self._persisted_usage = self.usage
-            except LedgerError as error:
+            )
+            self._persisted_usage = usage
+        except LedgerError as error:
+            if self.state == "open":  # else it finished or broke meanwhile: nothing lost
                 log.warning("meter heartbeat failed for %s: %s", self.reservation_id, error)
-
-    def _stop_heartbeat(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
