@@ -551,7 +551,9 @@ async def test_alerts_from_real_charges_arrive_once_per_threshold(
         await eventually(lambda: _received(receiver, 3), "three alerts")
         await asyncio.sleep(0.3)
 
-    events = [r.event for r in receiver.received]
+    # Deliveries run concurrently, so arrival order is not promised (docs/operations.md):
+    # each threshold exactly once, with the figures of the charge that crossed it.
+    events = sorted((r.event for r in receiver.received), key=lambda e: e["threshold_pct"])
     assert [(e["kind"], e["budget_id"], e["threshold_pct"]) for e in events] == [
         ("ALERT", "alert:team", 50),
         ("ALERT", "alert:team", 70),
