@@ -94,7 +94,8 @@ def open_database(url: str, *, pool_size: int = 10, echo: bool = False) -> Datab
         gate = asyncio.Lock()
         writer = None
         if _is_file(parsed):
-            writer = SqliteWriter(parsed.set(drivername="sqlite"), gate, _configure_sqlite)
+            assert parsed.database is not None
+            writer = SqliteWriter(parsed.database, gate)
         return Database(engine, display, gate, writer)
     engine = create_async_engine(
         parsed, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True

@@ -18,11 +18,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from budget_server.db.engine import Database
 from budget_server.db.errors import is_unavailable
+from budget_server.db.sqlite_raw import RawSqlite
 from budget_server.errors import LedgerError, Overloaded, Unavailable
 from budget_server.events.model import BudgetEvent
 from budget_server.events.publisher import EventPublisher
@@ -164,12 +164,12 @@ class BudgetActor:
             await txn.flush()
         return results, txn.events
 
-    def _sync_job(self, batch: list[Op], now_us: int) -> Callable[[Connection], BatchOutcome]:
+    def _sync_job(self, batch: list[Op], now_us: int) -> Callable[[RawSqlite], BatchOutcome]:
         """The batch as one plain function, run on the SQLite writer thread. It touches
         only its own ChainBatch and the (immutable) ops, never their futures."""
         chain_ids, publisher = self.chain_ids, self._publisher
 
-        def job(conn: Connection) -> BatchOutcome:
+        def job(conn: RawSqlite) -> BatchOutcome:
             txn = ChainBatch(None, chain_ids, now_us, False, publisher)
             txn.load_sync(conn, batch)
             results = [txn.apply(op) for op in batch]

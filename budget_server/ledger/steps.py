@@ -10,9 +10,10 @@ direct sqlite3 call instead of a hop between the event loop and aiosqlite's thre
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, CursorResult, Executable
+from sqlalchemy import CursorResult, Executable
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from budget_server.ledger.prices import DEFAULT_PRICE_MODEL, model_family
@@ -24,6 +25,15 @@ T = TypeVar("T")
 # A statement and its parameters (None, one dict, or a list of dicts for executemany).
 Step = tuple[Executable, Any]
 Steps = Generator[Step, CursorResult[Any], T]
+
+
+class SyncConnection(Protocol):
+    """What the sync path needs: `db.sqlite_raw.RawSqlite` (or a SQLAlchemy Connection)."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    def execute(self, statement: Any, params: Any = None) -> Any: ...
 
 
 async def run_async(conn: AsyncConnection, steps: Steps[T]) -> T:
@@ -39,7 +49,7 @@ async def run_async(conn: AsyncConnection, steps: Steps[T]) -> T:
         steps.close()
 
 
-def run_sync(conn: Connection, steps: Steps[T]) -> T:
+def run_sync(conn: SyncConnection, steps: Steps[T]) -> T:
     """Drive `steps` on a sync connection (the SQLite writer thread)."""
     try:
         statement, params = next(steps)

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -49,7 +48,7 @@ from budget_server.ledger.model import (
     ReservationView,
     ReserveOp,
 )
-from budget_server.ledger.steps import Steps, price_steps, run_async, run_sync
+from budget_server.ledger.steps import Steps, SyncConnection, price_steps, run_async, run_sync
 from budget_server.ledger.usage import ZERO_USAGE, Price, Usage, cost
 from budget_server.ledger.windows import window_bounds
 from budget_server.limits import AMOUNT_MAX, INT64_MAX
@@ -193,7 +192,7 @@ class ChainBatch:
         assert self.conn is not None
         await run_async(self.conn, self._load_steps(ops))
 
-    def load_sync(self, conn: Connection, ops: Sequence[Op]) -> None:
+    def load_sync(self, conn: SyncConnection, ops: Sequence[Op]) -> None:
         run_sync(conn, self._load_steps(ops))
 
     def _load_steps(self, ops: Sequence[Op]) -> Steps[None]:
@@ -642,7 +641,7 @@ class ChainBatch:
         if self.events and self.publisher is not None:
             await self.publisher.in_transaction(self.conn, self.events, self.now_us)
 
-    def flush_sync(self, conn: Connection) -> None:
+    def flush_sync(self, conn: SyncConnection) -> None:
         """Write back on a sync connection; raises NeedsAsync, before writing, if the batch
         fired alerts that a publisher must record (its outbox code is async)."""
         self._fire_alerts()
