@@ -70,7 +70,9 @@ class Settings:
     client_cost_args: tuple[str, ...] = ()
     hold_streams: int = 10_000
     hold_workers: int = 4
-    hold_channels: int = 4
+    hold_channels: int = 16
+    """Connections per load generator: 10,000 streams over 64 connections stay under
+    budgetd's 250 streams per connection."""
     hold_rounds: int = 3
     hold_settle_s: float = 2.0
     """Pause before each RSS reading, for the server to finish what opening set off."""

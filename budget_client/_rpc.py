@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,17 @@ UNREACHABLE = frozenset(
 # resumed; any other code is budgetd's answer and is not retried.
 STREAM_BROKEN = UNREACHABLE | {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
+# Round robin over the replicas in the address list. budgetd allows 250 streams per
+# connection (HTTP/2 MAX_CONCURRENT_STREAMS); past that gRPC would queue new meter
+# streams on the full connection, so it is asked to open up to 10 per replica instead
+# (gRFC A105, grpcio >= 1.84; 10 is gRPC's own cap on this setting).
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "connectionScaling": {"maxConnectionsPerSubchannel": 10},
+}
+
 CHANNEL_OPTIONS: list[tuple[str, object]] = [
-    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -35,6 +35,7 @@ from budget_server.events.bus import EventBus
 from budget_server.events.pg_listener import listen_forever
 from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.sweeper import run_sweeper
+from budget_server.limits import STREAMS_PER_CONNECTION_MAX
 from budget_server.meter.registry import SessionRegistry
 from budget_server.metrics import Metrics
 from budget_server.pricing.store import seed_prices
@@ -104,6 +105,7 @@ class BudgetServer:
         server = aio.server(
             options=[
                 ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+                ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION_MAX),
                 ("grpc.so_reuseport", 0),
             ]
         )

@@ -24,4 +24,9 @@ BATCH_OPS_MAX: Final = 256  # operations one actor applies in one SQL transactio
 ACTOR_QUEUE_MAX: Final = 10_000  # operations waiting on one budget before callers are refused
 ACTOR_IDLE_S: Final = 30.0  # an idle actor exits so memory follows active budgets only
 SWEEP_BATCH_MAX: Final = 500
+# HTTP/2 MAX_CONCURRENT_STREAMS: what one connection may have open at once. Unbounded, a
+# flood of streams on one connection (rapid reset, CVE-2023-44487; answers never read;
+# calls left open) had gRPC cancel other clients' calls. budget_client asks gRPC to open
+# more connections when one is full (gRFC A105), so an app is not held to this.
+STREAMS_PER_CONNECTION_MAX: Final = 250
 DEFAULT_THRESHOLDS_PCT: Final = (50, 70, 90, 100)

@@ -3,15 +3,18 @@ still serving and the ledger untouched."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from budget_client import BudgetClient
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.app import BudgetServer
 from budget_server.config import ServerConfig
+from budget_server.limits import STREAMS_PER_CONNECTION_MAX
 from budget_server.meter.policy import GrantPolicy
 from tests.support.ledger import all_entries, assert_ledger_clean, create
 from tests.support.servers import Stubs, stubs
@@ -104,6 +107,25 @@ async def test_streams_per_key_are_bounded(db_url: str, tmp_path: Path) -> None:
         assert "streams_per_key_max" in (caught.value.details() or "")
         other = await _open(api, "lim:key", keys[1])
         assert (await other.read()).WhichOneof("event") == "opened"  # type: ignore[attr-defined]
+
+
+async def test_one_client_holds_more_streams_than_one_connection_allows(
+    server: BudgetServer, api: Stubs, tmp_path: Path
+) -> None:
+    """budgetd lets one HTTP/2 connection have STREAMS_PER_CONNECTION_MAX streams open; the
+    client has gRPC open more connections rather than queue its streams behind a full one
+    (where an opening meter would wait for another stream to end)."""
+    await create(api, "lim:wide", 10**9)
+    count = STREAMS_PER_CONNECTION_MAX + 50
+    async with BudgetClient(server.address, spool_dir=tmp_path) as client:
+        meters = [client.meter("lim:wide", model="gpt-4o") for _ in range(count)]
+        await asyncio.wait_for(asyncio.gather(*(m.open() for m in meters)), 60)
+        assert server.sessions.open_streams == count
+        for meter in meters:
+            meter.add_output_tokens(3)
+        committed = await asyncio.gather(*(m.finish() for m in meters))
+    assert {c.charged for c in committed} == {3}
+    await assert_ledger_clean(api)
 
 
 async def test_oversized_requests_are_refused_and_the_server_stays_up(api: Stubs) -> None:
