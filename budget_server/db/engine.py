@@ -39,10 +39,18 @@ class Database:
     _write_gate: asyncio.Lock | None = field(default=None, repr=False)
     # SQLite file databases: the ledger's batches, group-committed on one thread.
     sqlite_writer: SqliteWriter | None = field(default=None, repr=False)
+    # PostgreSQL: tests turn this off to exercise the SQLAlchemy path the raw one mirrors.
+    raw_enabled: bool = True
 
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
+
+    @property
+    def raw_postgres(self) -> bool:
+        """Whether the ledger's batches run on the asyncpg connection directly
+        (`db.pg_raw`) rather than through SQLAlchemy's execution pipeline."""
+        return self.engine.dialect.name == "postgresql" and self.raw_enabled
 
     @property
     def locks_rows(self) -> bool:
@@ -97,9 +105,10 @@ def open_database(url: str, *, pool_size: int = 10, echo: bool = False) -> Datab
             assert parsed.database is not None
             writer = SqliteWriter(parsed.database, gate)
         return Database(engine, display, gate, writer)
-    engine = create_async_engine(
-        parsed, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-    )
+    # No pool_pre_ping: it cost a round trip per checkout, i.e. per batch. A connection
+    # left stale by a PostgreSQL restart fails once instead; the error invalidates the pool
+    # and maps to UNAVAILABLE (db.errors.is_unavailable), and the client's retry succeeds.
+    engine = create_async_engine(parsed, echo=echo, pool_size=pool_size, max_overflow=pool_size)
     return Database(engine, display)
 
 

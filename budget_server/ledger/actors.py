@@ -4,7 +4,9 @@ commit). A hot budget therefore costs one SQL transaction per batch, not per cal
 
 On a SQLite file the batch is handed to the database's single writer thread
 (`db.sqlite_writer`), which commits the batches of every budget queued meanwhile in one
-transaction, each in its own savepoint; elsewhere it runs on the async engine.
+transaction, each in its own savepoint; on PostgreSQL it runs straight on the asyncpg
+connection (`db.pg_raw`); elsewhere, and for a batch that fires alerts, on the async
+engine.
 
 The actor only orders work inside this process; correctness across processes comes from
 the row locks and compare-and-set writes in `txn.ChainBatch`.
@@ -22,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from budget_server.db.engine import Database
 from budget_server.db.errors import is_unavailable
+from budget_server.db.pg_raw import raw_transaction
 from budget_server.db.sqlite_raw import RawSqlite
 from budget_server.errors import LedgerError, Overloaded, Unavailable
 from budget_server.events.model import BudgetEvent
@@ -141,6 +144,11 @@ class BudgetActor:
                         return await writer.run(self._sync_job(batch, self._now_us()))
                     except NeedsAsync:
                         pass  # alerts fired: record them (outbox) on the async path
+                elif self._db.raw_postgres:
+                    try:
+                        return await self._transact_raw(batch)
+                    except NeedsAsync:
+                        pass  # alerts fired: record them (outbox, pg_notify) on the async path
                 return await self._transact_async(batch)
             except ConcurrentWrite as exc:
                 log.info("write conflict on %s (%s); retrying batch", self.budget_id, exc)
@@ -162,6 +170,16 @@ class BudgetActor:
             await txn.load(batch)
             results = [txn.apply(op) for op in batch]
             await txn.flush()
+        return results, txn.events
+
+    async def _transact_raw(self, batch: list[Op]) -> BatchOutcome:
+        """The batch on PostgreSQL's asyncpg connection without SQLAlchemy's execution
+        pipeline (`db.pg_raw`); same statements, locks and compare-and-set."""
+        async with raw_transaction(self._db.engine) as conn:
+            txn = ChainBatch(None, self.chain_ids, self._now_us(), True, self._publisher)
+            await txn.load_raw(conn, batch)
+            results = [txn.apply(op) for op in batch]
+            await txn.flush_raw(conn)
         return results, txn.events
 
     def _sync_job(self, batch: list[Op], now_us: int) -> Callable[[RawSqlite], BatchOutcome]:

@@ -33,13 +33,20 @@ _by_key = and_(
     reservations.c.budget_id == bindparam("budget_id"),
     reservations.c.idempotency_key.in_(bindparam("keys", expanding=True)),
 )
-SELECT_RESERVATIONS_BY_ID = select(reservations).where(_by_id)
-SELECT_RESERVATIONS_BY_KEY = select(reservations).where(_by_key)
-SELECT_RESERVATIONS_BY_ID_OR_KEY = select(reservations).where(or_(_by_id, _by_key))
-
-SELECT_HOLDS = select(reservation_holds).where(
-    reservation_holds.c.reservation_id.in_(bindparam("ids", expanding=True))
+# Reservations with their holds, one row per hold: one round trip instead of two.
+_with_holds = select(
+    reservations,
+    reservation_holds.c.budget_id.label("hold_budget_id"),
+    reservation_holds.c.held.label("hold_held"),
+    reservation_holds.c.charged.label("hold_charged"),
+).select_from(
+    reservations.outerjoin(
+        reservation_holds, reservation_holds.c.reservation_id == reservations.c.id
+    )
 )
+SELECT_RESERVATIONS_BY_ID = _with_holds.where(_by_id)
+SELECT_RESERVATIONS_BY_KEY = _with_holds.where(_by_key)
+SELECT_RESERVATIONS_BY_ID_OR_KEY = _with_holds.where(or_(_by_id, _by_key))
 
 SELECT_PRICES = select(prices).where(prices.c.model.in_(bindparam("names", expanding=True)))
 

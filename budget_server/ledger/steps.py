@@ -36,7 +36,16 @@ class SyncConnection(Protocol):
     def execute(self, statement: Any, params: Any = None) -> Any: ...
 
 
-async def run_async(conn: AsyncConnection, steps: Steps[T]) -> T:
+class AsyncExecutor(Protocol):
+    """What the async path needs: SQLAlchemy's AsyncConnection or `db.pg_raw.RawPg`."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    async def execute(self, statement: Any, params: Any = None) -> Any: ...
+
+
+async def run_async(conn: AsyncConnection | AsyncExecutor, steps: Steps[T]) -> T:
     """Drive `steps` on an async connection, one awaited statement at a time."""
     try:
         statement, params = next(steps)

@@ -48,7 +48,14 @@ from budget_server.ledger.model import (
     ReservationView,
     ReserveOp,
 )
-from budget_server.ledger.steps import Steps, SyncConnection, price_steps, run_async, run_sync
+from budget_server.ledger.steps import (
+    AsyncExecutor,
+    Steps,
+    SyncConnection,
+    price_steps,
+    run_async,
+    run_sync,
+)
 from budget_server.ledger.usage import ZERO_USAGE, Price, Usage, cost
 from budget_server.ledger.windows import window_bounds
 from budget_server.limits import AMOUNT_MAX, INT64_MAX
@@ -62,9 +69,10 @@ class ConcurrentWrite(Exception):
 
 
 class NeedsAsync(Exception):
-    """The batch fired alerts, whose outbox and notifications are written by async code:
-    the sync (SQLite writer thread) attempt is abandoned and the batch runs on the async
-    path instead. Alerts fire once per threshold per window, so this is rare."""
+    """The batch fired alerts, whose outbox and notifications are written by SQLAlchemy
+    async code: the sync (SQLite writer thread) or raw asyncpg (PostgreSQL) attempt is
+    abandoned and the batch runs on SQLAlchemy's async path instead. Alerts fire once per
+    threshold per window, so this is rare."""
 
 
 def new_reservation_id() -> str:
@@ -192,6 +200,10 @@ class ChainBatch:
         assert self.conn is not None
         await run_async(self.conn, self._load_steps(ops))
 
+    async def load_raw(self, conn: AsyncExecutor, ops: Sequence[Op]) -> None:
+        """`load` on PostgreSQL's raw asyncpg path (`db.pg_raw`)."""
+        await run_async(conn, self._load_steps(ops))
+
     def load_sync(self, conn: SyncConnection, ops: Sequence[Op]) -> None:
         run_sync(conn, self._load_steps(ops))
 
@@ -220,15 +232,14 @@ class ChainBatch:
         elif keys:
             found = yield SQL.SELECT_RESERVATIONS_BY_KEY, by_key
         if found is not None:
-            res_rows = found.all()
-            if res_rows:
-                hold_rows = (yield SQL.SELECT_HOLDS, {"ids": [r.id for r in res_rows]}).all()
-                for row in res_rows:
-                    self._remember(self._reservation_from_row(row))
-                for hold in hold_rows:
-                    res = self.reservations[hold.reservation_id]
-                    res.holds[hold.budget_id] = hold.held
-                    res.charges[hold.budget_id] = hold.charged
+            for row in found.all():  # one row per hold (see statements._with_holds)
+                res = self.reservations.get(row.id)
+                if res is None:
+                    res = self._reservation_from_row(row)
+                    self._remember(res)
+                if row.hold_budget_id is not None:
+                    res.holds[row.hold_budget_id] = row.hold_held
+                    res.charges[row.hold_budget_id] = row.hold_charged
 
         if any(b.unit == "USD" for b in self.chain):
             models = {getattr(op, "model", "") for op in ops} | {
@@ -640,6 +651,15 @@ class ChainBatch:
         await run_async(self.conn, self._flush_steps(self.conn.dialect))
         if self.events and self.publisher is not None:
             await self.publisher.in_transaction(self.conn, self.events, self.now_us)
+
+    async def flush_raw(self, conn: AsyncExecutor) -> None:
+        """Write back on PostgreSQL's raw asyncpg path; raises NeedsAsync, before writing,
+        if the batch fired alerts that a publisher must record (outbox and pg_notify go
+        through the publisher's SQLAlchemy code)."""
+        self._fire_alerts()
+        if self.events and self.publisher is not None:
+            raise NeedsAsync()
+        await run_async(conn, self._flush_steps(conn.dialect))
 
     def flush_sync(self, conn: SyncConnection) -> None:
         """Write back on a sync connection; raises NeedsAsync, before writing, if the batch

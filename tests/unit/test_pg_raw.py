@@ -1,0 +1,117 @@
+"""The raw asyncpg executor: reads what SQLAlchemy reads for the ledger's statements,
+commits only on success, and raises SQLAlchemy's exceptions (IntegrityError for the
+duplicate-key retry, a disconnect as connection_invalidated for UNAVAILABLE)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from sqlalchemy import insert, select
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from budget_server.db.engine import Database, open_database
+from budget_server.db.errors import is_unavailable
+from budget_server.db.migrate import upgrade_to_head
+from budget_server.db.pg_raw import raw_transaction
+from budget_server.db.schema import budgets
+from budget_server.ledger import statements as SQL
+from tests.support.databases import fresh_postgres
+from tests.unit.test_sqlite_writer import _budget
+
+
+async def _insert_then_fail(db: Database) -> None:
+    async with raw_transaction(db.engine) as conn:
+        await conn.execute(insert(budgets), [_budget("c")])
+        raise RuntimeError("undo")
+
+
+async def _read_chain(db: Database) -> None:
+    async with raw_transaction(db.engine) as conn:
+        await conn.execute(SQL.SELECT_CHAIN, {"ids": ["a"]})
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[Database]:
+    async with fresh_postgres() as url:
+        database = open_database(url)
+        await upgrade_to_head(database)
+        try:
+            yield database
+        finally:
+            await database.close()
+
+
+async def test_reads_match_sqlalchemy_and_commit_only_on_success(db: Database) -> None:
+    async with raw_transaction(db.engine) as conn:
+        await conn.execute(insert(budgets), [_budget("a"), _budget("b", frozen=True)])
+    with pytest.raises(RuntimeError):
+        await _insert_then_fail(db)
+    ids = {"ids": ["b", "a", "c"]}
+    async with raw_transaction(db.engine) as conn:
+        raw = (await conn.execute(SQL.SELECT_CHAIN_FOR_UPDATE, ids)).all()
+        empty = (await conn.execute(SQL.SELECT_CHAIN, {"ids": []})).all()
+    async with db.read() as sa_conn:
+        expected = (await sa_conn.execute(SQL.SELECT_CHAIN, ids)).all()
+    assert [tuple(r) for r in raw] == [tuple(r) for r in expected]
+    assert [r.id for r in raw] == ["a", "b"]
+    assert raw[1].frozen is True
+    assert empty == []
+
+
+async def test_update_reports_rows_matched(db: Database) -> None:
+    async with raw_transaction(db.engine) as conn:
+        await conn.execute(insert(budgets), [_budget("a")])
+    figures = {
+        "b_id": "a",
+        "b_spent0": 0,
+        "b_reserved0": 0,
+        "b_overage0": 0,
+        "b_window0": 0,
+        "b_alerted0": 0,
+        "b_spent": 5,
+        "b_reserved": 0,
+        "b_overage": 0,
+        "b_window": 0,
+        "b_alerted": 0,
+        "b_now": 2,
+    }
+    async with raw_transaction(db.engine) as conn:
+        assert (await conn.execute(SQL.UPDATE_BUDGET_FIGURES, figures)).rowcount == 1
+        assert (await conn.execute(SQL.UPDATE_BUDGET_FIGURES, figures)).rowcount == 0
+    async with db.read() as sa_conn:
+        assert (await sa_conn.execute(select(budgets.c.spent))).scalar_one() == 5
+
+
+async def test_driver_errors_are_sqlalchemys(db: Database) -> None:
+    async with raw_transaction(db.engine) as conn:
+        await conn.execute(insert(budgets), [_budget("a")])
+    with pytest.raises(IntegrityError):
+        async with raw_transaction(db.engine) as conn:
+            await conn.execute(insert(budgets), [_budget("a")])
+    # The connection that failed was rolled back and is usable again.
+    async with raw_transaction(db.engine) as conn:
+        assert len((await conn.execute(SQL.SELECT_CHAIN, {"ids": ["a"]})).all()) == 1
+
+
+async def test_a_dropped_connection_is_unavailable_then_replaced(db: Database) -> None:
+    async with raw_transaction(db.engine) as conn:
+        pid = (await conn.execute(select(budgets.c.id).where(budgets.c.id == "x"))).all()
+        assert pid == []
+    async with db.read() as sa_conn:
+        raw = await sa_conn.get_raw_connection()
+        backend = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]
+    url = db.engine.url
+    admin = await asyncpg.connect(
+        host=url.host, port=url.port, user=url.username, database=url.database
+    )
+    try:
+        await admin.execute(f"SELECT pg_terminate_backend({backend})")
+    finally:
+        await admin.close()
+    with pytest.raises(DBAPIError) as caught:  # the pool's only connection was killed
+        await _read_chain(db)
+    assert is_unavailable(caught.value)
+    async with raw_transaction(db.engine) as conn:
+        assert (await conn.execute(SQL.SELECT_CHAIN, {"ids": ["a"]})).all() == []
