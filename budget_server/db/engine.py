@@ -39,8 +39,6 @@ class Database:
     _write_gate: asyncio.Lock | None = field(default=None, repr=False)
     # SQLite file databases: the ledger's batches, group-committed on one thread.
     sqlite_writer: SqliteWriter | None = field(default=None, repr=False)
-    # PostgreSQL: tests turn this off to exercise the SQLAlchemy path the raw one mirrors.
-    raw_enabled: bool = True
 
     @property
     def is_sqlite(self) -> bool:
@@ -50,7 +48,7 @@ class Database:
     def raw_postgres(self) -> bool:
         """Whether the ledger's batches run on the asyncpg connection directly
         (`db.pg_raw`) rather than through SQLAlchemy's execution pipeline."""
-        return self.engine.dialect.name == "postgresql" and self.raw_enabled
+        return self.engine.dialect.name == "postgresql"
 
     @property
     def locks_rows(self) -> bool:

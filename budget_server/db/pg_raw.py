@@ -109,6 +109,10 @@ class RawPg:
         await self._run(self._driver.executemany, compiled.sql, args, many=True)
         return RawResult([], -1)  # asyncpg reports no row count for executemany
 
+    async def fetch_text(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        """A statement written for PostgreSQL itself (`ledger.pg_writes`): asyncpg records."""
+        return await self._run(self._driver.fetch, sql, args)
+
     async def exec_plain(self, sql: str) -> None:
         """BEGIN / COMMIT / ROLLBACK, with the driver's errors translated."""
         await self._run(self._driver.execute, sql, [])

@@ -30,7 +30,8 @@ from budget_server.errors import LedgerError, Overloaded, Unavailable
 from budget_server.events.model import BudgetEvent
 from budget_server.events.publisher import EventPublisher
 from budget_server.ledger.model import Op, OpResult
-from budget_server.ledger.txn import ChainBatch, ConcurrentWrite, NeedsAsync
+from budget_server.ledger.txn import ChainBatch, NeedsAsync
+from budget_server.ledger.writes import ConcurrentWrite
 from budget_server.limits import ACTOR_QUEUE_MAX, BATCH_OPS_MAX
 from budget_server.metrics import Metrics
 

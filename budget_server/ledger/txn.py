@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from budget_server.db.pg_raw import RawPg
 from budget_server.errors import (
     BudgetExhausted,
     BudgetFrozen,
@@ -48,6 +49,7 @@ from budget_server.ledger.model import (
     ReservationView,
     ReserveOp,
 )
+from budget_server.ledger.pg_writes import write_all_postgres
 from budget_server.ledger.steps import (
     AsyncExecutor,
     Steps,
@@ -58,14 +60,11 @@ from budget_server.ledger.steps import (
 )
 from budget_server.ledger.usage import ZERO_USAGE, Price, Usage, cost
 from budget_server.ledger.windows import window_bounds
+from budget_server.ledger.writes import write_set, write_steps
 from budget_server.limits import AMOUNT_MAX, INT64_MAX
 
 # Operations on an existing reservation, which the batch loads before deciding.
 RESERVATION_OPS = (ExtendOp, CommitOp, ReleaseOp, ExpireOp, RecordUsageOp)
-
-
-class ConcurrentWrite(Exception):
-    """A budget row changed under us (another process): the batch must be retried."""
 
 
 class NeedsAsync(Exception):
@@ -131,15 +130,6 @@ def _usage_of(row: Any) -> Usage:
         output_tokens=row.output_tokens,
         reasoning_tokens=row.reasoning_tokens,
     )
-
-
-def _usage_columns(usage: Usage) -> dict[str, int]:
-    return {
-        "input_tokens": usage.input_tokens,
-        "cached_input_tokens": usage.cached_input_tokens,
-        "output_tokens": usage.output_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
-    }
 
 
 def roll_windows(chain: Sequence[BudgetState], now_us: int, entries: list[EntryDraft]) -> None:
@@ -652,14 +642,14 @@ class ChainBatch:
         if self.events and self.publisher is not None:
             await self.publisher.in_transaction(self.conn, self.events, self.now_us)
 
-    async def flush_raw(self, conn: AsyncExecutor) -> None:
-        """Write back on PostgreSQL's raw asyncpg path; raises NeedsAsync, before writing,
-        if the batch fired alerts that a publisher must record (outbox and pg_notify go
-        through the publisher's SQLAlchemy code)."""
+    async def flush_raw(self, conn: RawPg) -> None:
+        """Write back on PostgreSQL's raw asyncpg path, in one statement (`pg_writes`);
+        raises NeedsAsync, before writing, if the batch fired alerts (their rows, outbox
+        and pg_notify are written on the SQLAlchemy path)."""
         self._fire_alerts()
-        if self.events and self.publisher is not None:
+        if self.events:
             raise NeedsAsync()
-        await run_async(conn, self._flush_steps(conn.dialect))
+        await write_all_postgres(conn, write_set(self))
 
     def flush_sync(self, conn: SyncConnection) -> None:
         """Write back on a sync connection; raises NeedsAsync, before writing, if the batch
@@ -670,144 +660,12 @@ class ChainBatch:
         run_sync(conn, self._flush_steps(conn.dialect))
 
     def _flush_steps(self, dialect: Dialect) -> Steps[None]:
-        now = self.now_us
-        for budget in self.chain:
-            if not budget.changed:
-                continue
-            spent0, reserved0, overage0, window0, alerted0 = budget.read_figures
-            result = yield (
-                SQL.UPDATE_BUDGET_FIGURES,
-                {
-                    "b_id": budget.id,
-                    "b_spent0": spent0,
-                    "b_reserved0": reserved0,
-                    "b_overage0": overage0,
-                    "b_window0": window0,
-                    "b_alerted0": alerted0,
-                    "b_spent": budget.spent,
-                    "b_reserved": budget.reserved,
-                    "b_overage": budget.overage,
-                    "b_window": budget.window_start_us,
-                    "b_alerted": budget.alerted_pct,
-                    "b_now": now,
-                },
-            )
-            if result.rowcount != 1:
-                raise ConcurrentWrite(budget.id)
-
-        new = [r for r in self.reservations.values() if r.is_new]
-        if new:
-            yield (
-                SQL.INSERT_RESERVATIONS,
-                [
-                    {
-                        "id": r.id,
-                        "budget_id": r.budget_id,
-                        "state": r.state,
-                        "idempotency_key": r.idempotency_key,
-                        "model": r.model,
-                        "labels": json.dumps(r.labels, sort_keys=True),
-                        **_usage_columns(r.usage),
-                        "grant_input_tokens": r.grant.input_tokens,
-                        "grant_output_tokens": r.grant.output_tokens,
-                        "charged": r.charged,
-                        "overage": r.overage,
-                        "expires_at_us": r.expires_at_us,
-                        "created_at_us": r.created_at_us,
-                        "finished_at_us": r.finished_at_us,
-                    }
-                    for r in new
-                ],
-            )
-            hold_rows = [
-                {
-                    "reservation_id": r.id,
-                    "budget_id": budget_id,
-                    "held": held,
-                    "charged": r.charges.get(budget_id, 0),
-                }
-                for r in new
-                for budget_id, held in r.holds.items()
-            ]
-            ledger_assert(len(hold_rows) >= len(new), "a new reservation has no holds")
-            yield SQL.INSERT_HOLDS, hold_rows
-
-        changed = [
-            r
-            for r in self.reservations.values()
-            if not r.is_new
-            and (r.state != r.read_state or r.usage_changed or r.expiry_changed or r.holds_changed)
-        ]
-        if changed:
-            result = yield (
-                SQL.UPDATE_RESERVATIONS,
-                [
-                    {
-                        "r_id": r.id,
-                        "r_read_state": r.read_state,
-                        "r_state": r.state,
-                        "r_input": r.usage.input_tokens,
-                        "r_cached": r.usage.cached_input_tokens,
-                        "r_output": r.usage.output_tokens,
-                        "r_reasoning": r.usage.reasoning_tokens,
-                        "r_grant_input": r.grant.input_tokens,
-                        "r_grant_output": r.grant.output_tokens,
-                        "r_charged": r.charged,
-                        "r_overage": r.overage,
-                        "r_expires": r.expires_at_us,
-                        "r_finished": r.finished_at_us,
-                    }
-                    for r in changed
-                ],
-            )
-            # A reservation leaves PENDING exactly once. Where the driver reports rows
-            # matched by an executemany, check it; elsewhere the chain's row locks ensure it.
-            if dialect.supports_sane_multi_rowcount and result.rowcount != len(changed):
-                raise ConcurrentWrite("reservations")
-
-        holds = [
-            r
-            for r in self.reservations.values()
-            if not r.is_new and (r.holds_changed or r.state != r.read_state)
-        ]
-        if holds:
-            yield (
-                SQL.UPDATE_HOLDS,
-                [
-                    {
-                        "h_res": r.id,
-                        "h_budget": budget_id,
-                        "h_held": held,
-                        "h_charged": r.charges.get(budget_id, 0),
-                    }
-                    for r in holds
-                    for budget_id, held in r.holds.items()
-                ],
-            )
-
+        writes = write_set(self)
+        yield from write_steps(writes, dialect)
         if self.events:
             yield self._alert_rows()
-        if self.entries:
-            yield (
-                SQL.INSERT_ENTRIES,
-                [
-                    {
-                        "budget_id": e.budget_id,
-                        "kind": e.kind,
-                        "amount": e.amount,
-                        "spent_delta": e.spent_delta,
-                        "reserved_delta": e.reserved_delta,
-                        "overage_delta": e.overage_delta,
-                        "reservation_id": e.reservation_id,
-                        **_usage_columns(e.usage),
-                        "model": e.model,
-                        "labels": e.labels,
-                        "created_at_us": now,
-                        "actor": e.actor,
-                    }
-                    for e in self.entries
-                ],
-            )
+        if writes.entries:
+            yield SQL.INSERT_ENTRIES, writes.entries
 
     def _alert_rows(self) -> tuple[Any, list[dict[str, Any]]]:
         return (

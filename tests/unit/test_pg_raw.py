@@ -8,15 +8,17 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from budget_server.db.engine import Database, open_database
 from budget_server.db.errors import is_unavailable
 from budget_server.db.migrate import upgrade_to_head
 from budget_server.db.pg_raw import raw_transaction
-from budget_server.db.schema import budgets
+from budget_server.db.schema import budgets, ledger_entries
 from budget_server.ledger import statements as SQL
+from budget_server.ledger.pg_writes import write_all_postgres
+from budget_server.ledger.writes import ConcurrentWrite, WriteSet
 from tests.support.databases import fresh_postgres
 from tests.unit.test_sqlite_writer import _budget
 
@@ -115,3 +117,50 @@ async def test_a_dropped_connection_is_unavailable_then_replaced(db: Database) -
     assert is_unavailable(caught.value)
     async with raw_transaction(db.engine) as conn:
         assert (await conn.execute(SQL.SELECT_CHAIN, {"ids": ["a"]})).all() == []
+
+
+async def _write_stale_figures(db: Database) -> None:
+    stale = {
+        "b_id": "a",
+        "b_spent0": 7,  # not what the row holds
+        "b_reserved0": 0,
+        "b_overage0": 0,
+        "b_window0": 0,
+        "b_alerted0": 0,
+        "b_spent": 9,
+        "b_reserved": 0,
+        "b_overage": 0,
+        "b_window": 0,
+        "b_alerted": 0,
+        "b_now": 2,
+    }
+    entry = {
+        "budget_id": "a",
+        "kind": "ADJUST",
+        "amount": 9,
+        "spent_delta": 9,
+        "reserved_delta": 0,
+        "overage_delta": 0,
+        "reservation_id": None,
+        "input_tokens": 0,
+        "cached_input_tokens": 0,
+        "output_tokens": 0,
+        "reasoning_tokens": 0,
+        "model": "",
+        "labels": "{}",
+        "created_at_us": 2,
+        "actor": "test",
+    }
+    async with raw_transaction(db.engine) as conn:
+        await write_all_postgres(conn, WriteSet(budgets=[stale], entries=[entry]))
+
+
+async def test_one_statement_write_checks_compare_and_set(db: Database) -> None:
+    async with raw_transaction(db.engine) as conn:
+        await conn.execute(insert(budgets), [_budget("a")])
+    with pytest.raises(ConcurrentWrite):
+        await _write_stale_figures(db)
+    async with db.read() as sa_conn:  # the whole statement was undone, entry included
+        assert (await sa_conn.execute(select(budgets.c.spent))).scalar_one() == 0
+        entries = select(func.count()).select_from(ledger_entries)
+        assert (await sa_conn.execute(entries)).scalar_one() == 0
