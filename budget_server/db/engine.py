@@ -103,10 +103,14 @@ def open_database(url: str, *, pool_size: int = 10, echo: bool = False) -> Datab
             assert parsed.database is not None
             writer = SqliteWriter(parsed.database, gate)
         return Database(engine, display, gate, writer)
-    # No pool_pre_ping: it cost a round trip per checkout, i.e. per batch. A connection
-    # left stale by a PostgreSQL restart fails once instead; the error invalidates the pool
-    # and maps to UNAVAILABLE (db.errors.is_unavailable), and the client's retry succeeds.
-    engine = create_async_engine(parsed, echo=echo, pool_size=pool_size, max_overflow=pool_size)
+    # No pool_pre_ping: it cost BEGIN + SELECT + ROLLBACK per checkout, i.e. per batch. A
+    # connection left stale by a PostgreSQL restart fails once instead; the error retires
+    # the pool's older connections and maps to UNAVAILABLE (db.errors.is_unavailable), and
+    # the client's retry succeeds. No overflow either: with many budgets the pool is always
+    # full, and each overflow connection was closed on return, so every batch beyond the
+    # pool paid a new backend (fork, authentication, SSL attempt, asyncpg's type lookups).
+    # The cap is the same: twice `pool_size`, all kept open.
+    engine = create_async_engine(parsed, echo=echo, pool_size=2 * pool_size, max_overflow=0)
     return Database(engine, display)
 
 
