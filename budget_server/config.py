@@ -19,8 +19,8 @@ class ServerConfig:
     """How often expired reservations are looked for."""
     shutdown_grace_s: float = 10.0
     """How long in-flight calls may take to finish on SIGTERM."""
-    db_pool_size: int = 10
-    """PostgreSQL connections per process."""
+    db_pool_size: int = 20
+    """PostgreSQL connections per process, all kept open (no overflow)."""
     insecure: bool = False
     """Serve without API keys; refused on any address but loopback."""
     admin_key_file: str = "budgetd-admin.key"

@@ -80,7 +80,7 @@ class Database:
         await self.engine.dispose()
 
 
-def open_database(url: str, *, pool_size: int = 10, echo: bool = False) -> Database:
+def open_database(url: str, *, pool_size: int = 20, echo: bool = False) -> Database:
     """Create the engine for a `sqlite+aiosqlite://` or `postgresql+asyncpg://` URL."""
     try:
         parsed = make_url(url)
@@ -109,8 +109,8 @@ def open_database(url: str, *, pool_size: int = 10, echo: bool = False) -> Datab
     # the client's retry succeeds. No overflow either: with many budgets the pool is always
     # full, and each overflow connection was closed on return, so every batch beyond the
     # pool paid a new backend (fork, authentication, SSL attempt, asyncpg's type lookups).
-    # The cap is the same: twice `pool_size`, all kept open.
-    engine = create_async_engine(parsed, echo=echo, pool_size=2 * pool_size, max_overflow=0)
+    # So `pool_size` is the cap, and every connection is kept open.
+    engine = create_async_engine(parsed, echo=echo, pool_size=pool_size, max_overflow=0)
     return Database(engine, display)
 
 
