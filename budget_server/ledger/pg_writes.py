@@ -22,44 +22,17 @@ from sqlalchemy.dialects import postgresql
 
 from budget_server.db.pg_raw import RawPg
 from budget_server.db.schema import budgets, ledger_entries, reservation_holds, reservations
+from budget_server.ledger.statements import (
+    BUDGET_MATCH,
+    BUDGET_SETS,
+    HOLD_MATCH,
+    HOLD_SETS,
+    RESERVATION_MATCH,
+    RESERVATION_SETS,
+)
 from budget_server.ledger.writes import ConcurrentWrite, Rows, WriteSet
 
 _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
-
-# (column, bind key) pairs: rows carry the bind names of statements.py.
-_BUDGET_KEYS = (
-    ("id", "b_id"),
-    ("spent", "b_spent0"),
-    ("reserved", "b_reserved0"),
-    ("overage", "b_overage0"),
-    ("window_start_us", "b_window0"),
-    ("alerted_pct", "b_alerted0"),
-)
-_BUDGET_SETS = (
-    ("spent", "b_spent"),
-    ("reserved", "b_reserved"),
-    ("overage", "b_overage"),
-    ("window_start_us", "b_window"),
-    ("alerted_pct", "b_alerted"),
-    ("updated_at_us", "b_now"),
-)
-_RESERVATION_KEYS = (("id", "r_id"), ("state", "r_read_state"))
-_RESERVATION_SETS = (
-    ("state", "r_state"),
-    ("input_tokens", "r_input"),
-    ("cached_input_tokens", "r_cached"),
-    ("output_tokens", "r_output"),
-    ("reasoning_tokens", "r_reasoning"),
-    ("grant_input_tokens", "r_grant_input"),
-    ("grant_output_tokens", "r_grant_output"),
-    ("charged", "r_charged"),
-    ("overage", "r_overage"),
-    ("expires_at_us", "r_expires"),
-    ("finished_at_us", "r_finished"),
-)
-_HOLD_KEYS = (("reservation_id", "h_res"), ("budget_id", "h_budget"))
-_HOLD_SETS = (("held", "h_held"), ("charged", "h_charged"))
-
 
 _INSERT_TABLES = {
     "new_reservations": reservations,
@@ -106,7 +79,7 @@ def _statement(
     builder = _Builder()
     ctes = []
     if "budgets" in parts:
-        sql = _update(builder, "budgets", budgets, _BUDGET_KEYS, _BUDGET_SETS)
+        sql = _update(builder, "budgets", budgets, BUDGET_MATCH, BUDGET_SETS)
         ctes.append(f"ub AS ({sql})")
     for part, columns in inserts:
         table = _INSERT_TABLES[part]
@@ -115,10 +88,10 @@ def _statement(
             f"{part} AS (INSERT INTO {table.name} ({', '.join(columns)}) SELECT * FROM {source})"
         )
     if "reservations" in parts:
-        sql = _update(builder, "reservations", reservations, _RESERVATION_KEYS, _RESERVATION_SETS)
+        sql = _update(builder, "reservations", reservations, RESERVATION_MATCH, RESERVATION_SETS)
         ctes.append(f"ur AS ({sql})")
     if "holds" in parts:
-        sql = _update(builder, "holds", reservation_holds, _HOLD_KEYS, _HOLD_SETS)
+        sql = _update(builder, "holds", reservation_holds, HOLD_MATCH, HOLD_SETS)
         ctes.append(f"uh AS ({sql})")
     matched_budgets = "(SELECT count(*) FROM ub)" if "budgets" in parts else "0"
     matched_reservations = "(SELECT count(*) FROM ur)" if "reservations" in parts else "0"

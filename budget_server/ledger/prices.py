@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from budget_server.db.schema import prices
 from budget_server.ledger.usage import Price
 
 # "gpt-4o-2024-08-06" -> "gpt-4o", "claude-3-5-sonnet-20241022" -> "claude-3-5-sonnet"
@@ -21,21 +18,22 @@ def model_family(model: str) -> str:
     return _DATED_SUFFIX.sub("", model)
 
 
-def _candidates(model: str) -> list[str]:
-    names = [model]
-    if (family := model_family(model)) != model:
-        names.append(family)
-    names.append(DEFAULT_PRICE_MODEL)
-    return names
+def price_candidates(models: Iterable[str]) -> dict[str, list[str]]:
+    """For each model, the price rows that may price it, best first: its exact name, its
+    family, then the default."""
+    wanted: dict[str, list[str]] = {}
+    for model in set(models):
+        names = [model]
+        if (family := model_family(model)) != model:
+            names.append(family)
+        names.append(DEFAULT_PRICE_MODEL)
+        wanted[model] = names
+    return wanted
 
 
-async def load_prices(conn: AsyncConnection, models: Iterable[str]) -> dict[str, Price]:
-    """Prices for each model, resolved exact name first, then family, then the default."""
-    wanted = {m: _candidates(m) for m in set(models)}
-    names = {n for cands in wanted.values() for n in cands}
-    if not names:
-        return {}
-    rows = (await conn.execute(select(prices).where(prices.c.model.in_(names)))).all()
+def resolve_prices(wanted: dict[str, list[str]], rows: Iterable[Any]) -> dict[str, Price]:
+    """The price of each model from the rows read for `price_candidates(...)`; a model none
+    of whose candidates has a row is left out (the caller refuses it)."""
     by_name = {
         row.model: Price(
             model=row.model,
@@ -46,9 +44,8 @@ async def load_prices(conn: AsyncConnection, models: Iterable[str]) -> dict[str,
         for row in rows
     }
     resolved: dict[str, Price] = {}
-    for model, cands in wanted.items():
-        for name in cands:
-            if name in by_name:
-                resolved[model] = by_name[name]
-                break
+    for model, names in wanted.items():
+        found = next((by_name[name] for name in names if name in by_name), None)
+        if found is not None:
+            resolved[model] = found
     return resolved

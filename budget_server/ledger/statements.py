@@ -9,7 +9,9 @@ every list length.
 
 from __future__ import annotations
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from collections.abc import Sequence
+
+from sqlalchemy import Table, Update, and_, bindparam, insert, or_, select, update
 
 from budget_server.db.schema import (
     alerts,
@@ -50,57 +52,60 @@ SELECT_RESERVATIONS_BY_ID_OR_KEY = _with_holds.where(or_(_by_id, _by_key))
 
 SELECT_PRICES = select(prices).where(prices.c.model.in_(bindparam("names", expanding=True)))
 
-UPDATE_BUDGET_FIGURES = (
-    update(budgets)
-    .where(
-        budgets.c.id == bindparam("b_id"),
-        budgets.c.spent == bindparam("b_spent0"),
-        budgets.c.reserved == bindparam("b_reserved0"),
-        budgets.c.overage == bindparam("b_overage0"),
-        budgets.c.window_start_us == bindparam("b_window0"),
-        budgets.c.alerted_pct == bindparam("b_alerted0"),
-    )
-    .values(
-        spent=bindparam("b_spent"),
-        reserved=bindparam("b_reserved"),
-        overage=bindparam("b_overage"),
-        window_start_us=bindparam("b_window"),
-        alerted_pct=bindparam("b_alerted"),
-        updated_at_us=bindparam("b_now"),
-    )
+# (column, bind name) pairs of the compare-and-set updates: what a row must still hold
+# (MATCH) and what it becomes (SETS). pg_writes builds its one-statement form from the same
+# pairs, so the two cannot drift apart.
+BUDGET_MATCH = (
+    ("id", "b_id"),
+    ("spent", "b_spent0"),
+    ("reserved", "b_reserved0"),
+    ("overage", "b_overage0"),
+    ("window_start_us", "b_window0"),
+    ("alerted_pct", "b_alerted0"),
 )
+BUDGET_SETS = (
+    ("spent", "b_spent"),
+    ("reserved", "b_reserved"),
+    ("overage", "b_overage"),
+    ("window_start_us", "b_window"),
+    ("alerted_pct", "b_alerted"),
+    ("updated_at_us", "b_now"),
+)
+RESERVATION_MATCH = (("id", "r_id"), ("state", "r_read_state"))
+RESERVATION_SETS = (
+    ("state", "r_state"),
+    ("input_tokens", "r_input"),
+    ("cached_input_tokens", "r_cached"),
+    ("output_tokens", "r_output"),
+    ("reasoning_tokens", "r_reasoning"),
+    ("grant_input_tokens", "r_grant_input"),
+    ("grant_output_tokens", "r_grant_output"),
+    ("charged", "r_charged"),
+    ("overage", "r_overage"),
+    ("expires_at_us", "r_expires"),
+    ("finished_at_us", "r_finished"),
+)
+HOLD_MATCH = (("reservation_id", "h_res"), ("budget_id", "h_budget"))
+HOLD_SETS = (("held", "h_held"), ("charged", "h_charged"))
+
+
+def _compare_and_set(
+    table: Table, match: Sequence[tuple[str, str]], sets: Sequence[tuple[str, str]]
+) -> Update:
+    return (
+        update(table)
+        .where(*(table.c[column] == bindparam(name) for column, name in match))
+        .values({column: bindparam(name) for column, name in sets})
+    )
+
+
+UPDATE_BUDGET_FIGURES = _compare_and_set(budgets, BUDGET_MATCH, BUDGET_SETS)
 
 INSERT_RESERVATIONS = insert(reservations)
 INSERT_HOLDS = insert(reservation_holds)
 INSERT_ENTRIES = insert(ledger_entries)
 INSERT_ALERTS = insert(alerts)
 
-UPDATE_RESERVATIONS = (
-    update(reservations)
-    .where(
-        reservations.c.id == bindparam("r_id"),
-        reservations.c.state == bindparam("r_read_state"),
-    )
-    .values(
-        state=bindparam("r_state"),
-        input_tokens=bindparam("r_input"),
-        cached_input_tokens=bindparam("r_cached"),
-        output_tokens=bindparam("r_output"),
-        reasoning_tokens=bindparam("r_reasoning"),
-        grant_input_tokens=bindparam("r_grant_input"),
-        grant_output_tokens=bindparam("r_grant_output"),
-        charged=bindparam("r_charged"),
-        overage=bindparam("r_overage"),
-        expires_at_us=bindparam("r_expires"),
-        finished_at_us=bindparam("r_finished"),
-    )
-)
+UPDATE_RESERVATIONS = _compare_and_set(reservations, RESERVATION_MATCH, RESERVATION_SETS)
 
-UPDATE_HOLDS = (
-    update(reservation_holds)
-    .where(
-        reservation_holds.c.reservation_id == bindparam("h_res"),
-        reservation_holds.c.budget_id == bindparam("h_budget"),
-    )
-    .values(held=bindparam("h_held"), charged=bindparam("h_charged"))
-)
+UPDATE_HOLDS = _compare_and_set(reservation_holds, HOLD_MATCH, HOLD_SETS)

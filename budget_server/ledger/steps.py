@@ -16,7 +16,7 @@ from sqlalchemy import CursorResult, Executable
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from budget_server.ledger.prices import DEFAULT_PRICE_MODEL, model_family
+from budget_server.ledger.prices import price_candidates, resolve_prices
 from budget_server.ledger.statements import SELECT_PRICES
 from budget_server.ledger.usage import Price
 
@@ -70,34 +70,12 @@ def run_sync(conn: SyncConnection, steps: Steps[T]) -> T:
         steps.close()
 
 
-def _candidates(model: str) -> list[str]:
-    names = [model]
-    if (family := model_family(model)) != model:
-        names.append(family)
-    names.append(DEFAULT_PRICE_MODEL)
-    return names
-
-
 def price_steps(models: Iterable[str]) -> Steps[dict[str, Price]]:
-    """`prices.load_prices` as steps: exact name first, then family, then the default."""
-    wanted = {m: _candidates(m) for m in set(models)}
-    names = {n for cands in wanted.values() for n in cands}
+    """Each model's price, read in one statement: exact name first, then family, then the
+    default (`prices.price_candidates`)."""
+    wanted = price_candidates(models)
+    names = {name for candidates in wanted.values() for name in candidates}
     if not names:
         return {}
     rows = (yield SELECT_PRICES, {"names": sorted(names)}).all()
-    by_name = {
-        row.model: Price(
-            model=row.model,
-            input_nanousd_per_mtok=row.input_nanousd_per_mtok,
-            cached_input_nanousd_per_mtok=row.cached_input_nanousd_per_mtok,
-            output_nanousd_per_mtok=row.output_nanousd_per_mtok,
-        )
-        for row in rows
-    }
-    resolved: dict[str, Price] = {}
-    for model, cands in wanted.items():
-        for name in cands:
-            if name in by_name:
-                resolved[model] = by_name[name]
-                break
-    return resolved
+    return resolve_prices(wanted, rows)
