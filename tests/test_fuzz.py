@@ -80,10 +80,13 @@ from tests.support.fuzz_wire import GARBAGE, GHOST_RESERVATION, decodes_as, unde
 from tests.support.ledger import all_entries, assert_ledger_clean, create
 from tests.support.meter import (
     finish_request,
+    live_session,
     next_event,
     open_request,
     open_stream,
     usage_request,
+    wait_session_usage,
+    wait_until,
 )
 from tests.support.servers import Stubs
 
@@ -1620,9 +1623,15 @@ async def test_a_late_commit_is_bounded_by_what_it_adds(
     call, opened = await open_stream(api, open_request("fz:late"))
     half = AMOUNT_MAX // 2
     await call.write(usage_request(0, half))
-    await asyncio.sleep(0.3)  # the grant grows to cover it (a SOFT budget)
+    await wait_session_usage(server, "fz:late", opened.reservation_id, half)
     call.cancel()
-    await asyncio.sleep(0.3)  # the broken stream's close records its usage
+    # The broken stream's close records its usage and sets its expiry from the clock, so
+    # it must be done before the clock moves (a sleep here raced it on a loaded machine).
+    await wait_until(
+        lambda: live_session(server, "fz:late", opened.reservation_id) is None, "stream closed"
+    )
+    assert server.meter is not None
+    await server.meter.closed()
     clock.advance(seconds=61)
     assert server.ledger is not None
     assert await sweep_once(server.ledger, clock) == 1  # expired, charged `half`
