@@ -1566,7 +1566,10 @@ async def test_meter_usage_beyond_amount_max_is_refused(
     call, _ = await open_stream(api, open_request("fz:beyond"))
     await call.write(usage_request(10, AMOUNT_MAX))  # each count is fine, the sum is not
     call.cancel()
-    await asyncio.sleep(0.3)  # the broken stream's close records its last usage
+    # The broken stream's close records its last usage and sets its expiry from the clock:
+    # it must be done before the clock moves.
+    assert server.meter is not None
+    await server.meter.closed()
     clock.advance(seconds=3600)
     assert server.ledger is not None
     assert await sweep_once(server.ledger, clock) == 1, "the reservation cannot expire"
