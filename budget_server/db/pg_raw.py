@@ -18,20 +18,19 @@ per pooled connection.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.sql import ClauseElement, Select
-from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql import ClauseElement
 
+from budget_server.db.compiled import CompileCache, Layout
 from budget_server.db.sqlite_raw import RawResult
 
 T = TypeVar("T")
@@ -50,30 +49,18 @@ class _Compiled:
     row_type: Any  # a namedtuple class for SELECTs, else None
 
 
-_compiled: dict[tuple[int, tuple[str, ...]], tuple[ClauseElement, _Compiled]] = {}
+def _finish(layout: Layout) -> _Compiled:
+    sql = _EXPANDING_IN.sub("= ANY(?)", layout.compiled.string)
+    numbers = iter(range(1, len(layout.names) + 1))
+    sql = re.sub(r"\?", lambda _m: f"${next(numbers)}", sql)
+    return _Compiled(sql, layout.names, layout.literals, layout.row_type)
+
+
+_compiled = CompileCache(_DIALECT, _finish)
 
 
 def _compile(statement: ClauseElement, keys: tuple[str, ...]) -> _Compiled:
-    cache_key = (id(statement), keys)
-    if (hit := _compiled.get(cache_key)) is not None and hit[0] is statement:
-        return hit[1]
-    compiled = cast(
-        SQLCompiler, statement.compile(dialect=_DIALECT, column_keys=list(keys) or None)
-    )
-    names = tuple(compiled.positiontup or ())
-    binds = compiled.binds
-    literals = {n: binds[n].value for n in names if n in binds and n not in keys}
-    sql = _EXPANDING_IN.sub("= ANY(?)", compiled.string)
-    numbers = iter(range(1, len(names) + 1))
-    sql = re.sub(r"\?", lambda _m: f"${next(numbers)}", sql)
-    row_type: Any = None
-    if isinstance(statement, Select):
-        fields = [str(c.key) for c in statement.selected_columns]
-        row_type = collections.namedtuple("Row", fields)  # type: ignore[misc, no-redef]
-    result = _Compiled(sql, names, literals, row_type)
-    # The statement is kept in the cache so its id() cannot be reused by another object.
-    _compiled[cache_key] = (statement, result)
-    return result
+    return _compiled.get(statement, keys)
 
 
 class RawPg:

@@ -15,18 +15,18 @@ the actors and `db.errors.is_unavailable` classify.
 
 from __future__ import annotations
 
-import collections
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement, Select
-from sqlalchemy.sql.compiler import SQLCompiler
+
+from budget_server.db.compiled import CompileCache, Layout
 
 _POSTCOMPILE = re.compile(r"__\[POSTCOMPILE_(\w+)\]")
 Processor = Callable[[Any], Any] | None
@@ -61,7 +61,7 @@ class RawSqlite:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self.connection = connection
         self.dialect: Dialect = SQLiteDialect_pysqlite(paramstyle="qmark")
-        self._compiled: dict[tuple[int, tuple[str, ...]], tuple[ClauseElement, _Compiled]] = {}
+        self._compiled = CompileCache(self.dialect, self._finish)
         self._expanded: dict[tuple[str, tuple[int, ...]], str] = {}
 
     def execute(self, statement: Any, params: Any = None) -> RawResult:
@@ -110,29 +110,25 @@ class RawSqlite:
     # ------------------------------------------------------------------ internals
 
     def _compile(self, statement: ClauseElement, keys: tuple[str, ...]) -> _Compiled:
-        cache_key = (id(statement), keys)
-        if (hit := self._compiled.get(cache_key)) is not None and hit[0] is statement:
-            return hit[1]
-        compiled = cast(
-            SQLCompiler, statement.compile(dialect=self.dialect, column_keys=list(keys) or None)
-        )
-        names = tuple(compiled.positiontup or ())
-        binds = compiled.binds
-        literals = {n: binds[n].value for n in names if n in binds and n not in keys}
-        expanding = frozenset(n for n in names if n in binds and binds[n].expanding)
-        row_type: Any = None
+        return self._compiled.get(statement, keys)
+
+    def _finish(self, layout: Layout) -> _Compiled:
+        binds = layout.compiled.binds
+        expanding = frozenset(n for n in layout.names if n in binds and binds[n].expanding)
         processors: tuple[Processor, ...] = ()
-        if isinstance(statement, Select):
-            columns = list(statement.selected_columns)
-            row_type = collections.namedtuple("Row", [c.key for c in columns])  # type: ignore[misc, no-redef]
+        if isinstance(layout.statement, Select):
             processors = tuple(
                 self.dialect.type_descriptor(c.type).result_processor(self.dialect, None)
-                for c in columns
+                for c in layout.statement.selected_columns
             )
-        result = _Compiled(compiled.string, names, literals, expanding, row_type, processors)
-        # The statement is kept in the cache so its id() cannot be reused by another object.
-        self._compiled[cache_key] = (statement, result)
-        return result
+        return _Compiled(
+            layout.compiled.string,
+            layout.names,
+            layout.literals,
+            expanding,
+            layout.row_type,
+            processors,
+        )
 
     def _expand(self, compiled: _Compiled, lengths: tuple[int, ...]) -> str:
         key = (compiled.sql, lengths)

@@ -165,20 +165,18 @@ class BudgetActor:
 
     async def _transact_async(self, batch: list[Op]) -> BatchOutcome:
         async with self._db.write() as conn:
-            txn = ChainBatch(
-                conn, self.chain_ids, self._now_us(), self._db.locks_rows, self._publisher
-            )
-            await txn.load(batch)
+            txn = ChainBatch(self.chain_ids, self._now_us(), self._db.locks_rows, self._publisher)
+            await txn.load(conn, batch)
             results = [txn.apply(op) for op in batch]
-            await txn.flush()
+            await txn.flush(conn)
         return results, txn.events
 
     async def _transact_raw(self, batch: list[Op]) -> BatchOutcome:
         """The batch on PostgreSQL's asyncpg connection without SQLAlchemy's execution
         pipeline (`db.pg_raw`); same statements, locks and compare-and-set."""
         async with raw_transaction(self._db.engine) as conn:
-            txn = ChainBatch(None, self.chain_ids, self._now_us(), True, self._publisher)
-            await txn.load_raw(conn, batch)
+            txn = ChainBatch(self.chain_ids, self._now_us(), True, self._publisher)
+            await txn.load(conn, batch)
             results = [txn.apply(op) for op in batch]
             await txn.flush_raw(conn)
         return results, txn.events
@@ -189,7 +187,7 @@ class BudgetActor:
         chain_ids, publisher = self.chain_ids, self._publisher
 
         def job(conn: RawSqlite) -> BatchOutcome:
-            txn = ChainBatch(None, chain_ids, now_us, False, publisher)
+            txn = ChainBatch(chain_ids, now_us, False, publisher)
             txn.load_sync(conn, batch)
             results = [txn.apply(op) for op in batch]
             txn.flush_sync(conn)

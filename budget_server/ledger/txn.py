@@ -165,13 +165,11 @@ class ChainBatch:
 
     def __init__(
         self,
-        conn: AsyncConnection | None,
         chain_ids: Sequence[str],
         now_us: int,
         lock_rows: bool,
         publisher: EventPublisher | None = None,
     ) -> None:
-        self.conn = conn
         self.publisher = publisher
         self.events: list[BudgetEvent] = []  # alerts fired by this batch
         self.chain_ids = tuple(chain_ids)
@@ -186,12 +184,9 @@ class ChainBatch:
 
     # ------------------------------------------------------------------ reading
 
-    async def load(self, ops: Sequence[Op]) -> None:
-        assert self.conn is not None
-        await run_async(self.conn, self._load_steps(ops))
-
-    async def load_raw(self, conn: AsyncExecutor, ops: Sequence[Op]) -> None:
-        """`load` on PostgreSQL's raw asyncpg path (`db.pg_raw`)."""
+    async def load(self, conn: AsyncConnection | AsyncExecutor, ops: Sequence[Op]) -> None:
+        """Read the chain and the batch's reservations, through SQLAlchemy's async engine
+        or PostgreSQL's raw asyncpg path (`db.pg_raw`)."""
         await run_async(conn, self._load_steps(ops))
 
     def load_sync(self, conn: SyncConnection, ops: Sequence[Op]) -> None:
@@ -635,12 +630,11 @@ class ChainBatch:
             ):
                 self.events.extend(fire_alerts(budget, self.now_us))
 
-    async def flush(self) -> None:
-        assert self.conn is not None
+    async def flush(self, conn: AsyncConnection) -> None:
         self._fire_alerts()
-        await run_async(self.conn, self._flush_steps(self.conn.dialect))
+        await run_async(conn, self._flush_steps(conn.dialect))
         if self.events and self.publisher is not None:
-            await self.publisher.in_transaction(self.conn, self.events, self.now_us)
+            await self.publisher.in_transaction(conn, self.events, self.now_us)
 
     async def flush_raw(self, conn: RawPg) -> None:
         """Write back on PostgreSQL's raw asyncpg path, in one statement (`pg_writes`);
