@@ -86,6 +86,9 @@ class Meter:
         self.state: MeterState = "unopened"
         self.reservation_id = ""
         self.granted_output_tokens = 0
+        self.grant_final = False
+        """budgetd will not grow the grant: reaching it aborts, here, with no round trip."""
+        self._capped_by = ""
         self.aborted: BudgetExceeded | None = None
         self.committed: Committed | None = None
         self._usage = Usage(input_tokens=prompt_tokens)
@@ -136,7 +139,20 @@ class Meter:
     def set_usage(self, usage: Usage) -> None:
         """Report cumulative usage counted elsewhere (e.g. Anthropic's message_delta)."""
         self._usage = usage
-        self._dirty.set()
+        self._dirty.set()  # sent all the same: budgetd settles its side of an abort on it
+        self._cut_at_final_grant()
+
+    def _cut_at_final_grant(self) -> None:
+        """Abort here when the count reaches a final grant, by budgetd's own rule for it
+        (meter/session.py): the next token would be past the grant, unless the grant
+        already reaches max_output_tokens. budgetd decides the same on the same totals;
+        deciding it here saves the round trip, the tokens streamed meanwhile included."""
+        if not self.grant_final or self.aborted is not None:
+            return
+        output, granted = self._usage.output_tokens, self.granted_output_tokens
+        complete = bool(self.max_output_tokens) and granted >= self.max_output_tokens
+        if output > granted or (output == granted and not complete):
+            self._abort(pb.MeterAbort(reason=pb.ABORT_REASON_EXHAUSTED, budget_id=self._capped_by))
 
     def set_provider_usage(self, usage: Usage) -> None:
         """The provider's own final usage: what is committed, when it arrives."""
@@ -245,7 +261,7 @@ class Meter:
             raise BudgetUnavailable("budgetd closed the meter stream before opening it")
         opened = event.opened
         self.reservation_id = opened.reservation_id
-        self.granted_output_tokens = opened.granted_output_tokens
+        self._set_grant(opened.granted_output_tokens, opened.grant_final, opened.capped_by)
         # The server's last record of our usage: what was lost with the old stream is
         # re-sent (cumulative totals, so nothing counts twice).
         self._sent = Usage.from_pb(opened.usage) if resume else Usage()
@@ -253,6 +269,11 @@ class Meter:
         if resume:
             self._dirty.set()  # send the totals counted while away
         return call
+
+    def _set_grant(self, granted_output_tokens: int, final: bool, capped_by: str) -> None:
+        self.granted_output_tokens = granted_output_tokens
+        self.grant_final, self._capped_by = final, capped_by
+        self._cut_at_final_grant()  # counted past it while the notice was on its way
 
     async def _supervise(self, call: MeterCall) -> None:
         """Pump the stream; when it breaks, resume it with backoff until finished."""
@@ -309,7 +330,8 @@ class Meter:
                     raise _ConnectionLost()
                 kind = event.WhichOneof("event")
                 if kind == "granted":
-                    self.granted_output_tokens = event.granted.granted_output_tokens
+                    granted = event.granted
+                    self._set_grant(granted.granted_output_tokens, granted.final, granted.capped_by)
                 elif kind == "abort":
                     self._abort(event.abort)
                 elif kind == "alert":

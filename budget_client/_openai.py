@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
 
 from budget_client._client import BudgetClient
+from budget_client._errors import BudgetExceeded
 from budget_client._meter import Meter
 from budget_client._sync import SyncBudgetClient, SyncMeter
 from budget_client._tokenizer import count_chat_prompt_tokens
@@ -118,16 +120,23 @@ class _RequestPlan:
 
 
 def _shutdown_socket(response: Any) -> None:
-    """Shut the connection's socket so a read blocked in another thread returns now.
+    """Shut the connection's socket: the provider sees the stream end now.
 
-    Closing an httpx response from another thread does not wake a blocked read until the
-    next byte arrives (seconds, on a slow model); shutting the socket down does.
+    This is the cut-off itself, done synchronously in the abort callback. Closing the httpx
+    response takes its reader's turn (on an event loop, after whatever runs before it) and,
+    from another thread, does not wake a blocked read until the next byte arrives (seconds,
+    on a slow model). The shutdown goes through a duplicate of the descriptor because event
+    loops hand out socket stand-ins (uvloop's refuses shutdown); both name one connection.
     """
     stream = getattr(response, "extensions", {}).get("network_stream")
     sock = stream.get_extra_info("socket") if stream is not None else None
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+    if sock is None:
+        return
+    with (
+        contextlib.suppress(OSError, ValueError),
+        socket.socket(fileno=os.dup(sock.fileno())) as duplicate,
+    ):
+        duplicate.shutdown(socket.SHUT_RDWR)
 
 
 # ----------------------------------------------------------------------------- async
@@ -141,7 +150,11 @@ class MeteredAsyncStream:
         self.meter = meter
         self._hide_usage_chunk = hide_usage_chunk
         self._aborted = asyncio.Event()
-        meter.on_abort(lambda _error: self._aborted.set())
+        meter.on_abort(self._cut_off)
+
+    def _cut_off(self, _error: BudgetExceeded) -> None:
+        _shutdown_socket(self._stream.response)
+        self._aborted.set()
 
     @property
     def response(self) -> Any:
@@ -188,6 +201,11 @@ class MeteredAsyncStream:
                 except StopAsyncIteration:
                     break
                 count_chunk(self.meter, chunk)
+                if self._aborted.is_set():  # this chunk reached a final grant
+                    await self._stream.close()
+                    await self.meter.finish()
+                    assert self.meter.aborted is not None
+                    raise self.meter.aborted
                 if self._hide_usage_chunk and not chunk.choices:
                     continue
                 yield chunk

@@ -156,6 +156,7 @@ class LiveStream:
     max_output: int = 0  # max_output_tokens the stream was opened (or resumed) with
     usage: tuple[int, int] = (0, 0)
     grant_output: int = 0  # the last grant the client was told of
+    final: bool = False  # told that grant is the last (the server aborts at it)
     aborted: bool = False
     aborts: list[pb.MeterAbort] = field(default_factory=list)
 
@@ -863,9 +864,15 @@ class LedgerMachine(RuleBasedStateMachine):
     def take(self, live: LiveStream, event: pb.MeterEvent) -> None:
         kind = event.WhichOneof("event")
         if kind == "granted":
+            granted = event.granted
             assert not live.aborted, "a grant after the abort"
-            assert event.granted.granted_output_tokens > live.grant_output, event
-            live.grant_output = event.granted.granted_output_tokens
+            assert not live.final, f"a grant after the final one: {event}"
+            if granted.final:  # may repeat the grant: an extension was refused before it
+                assert granted.granted_output_tokens >= live.grant_output, event
+                assert granted.capped_by, event
+            else:
+                assert granted.granted_output_tokens > live.grant_output, event
+            live.grant_output, live.final = granted.granted_output_tokens, granted.final
         elif kind == "abort":
             live.aborted = True
             live.aborts.append(event.abort)
@@ -895,16 +902,23 @@ class LedgerMachine(RuleBasedStateMachine):
                 usage = (session.usage.input_tokens, session.usage.output_tokens)
                 # _extension: the session's background grant extension, if one is running.
                 if usage == expected and session._extension is None:
-                    return session.state, session.grant.input_tokens, session.grant.output_tokens
+                    grant = session.grant
+                    capped = bool(session._capped_by)
+                    return session.state, grant.input_tokens, grant.output_tokens, capped
                 if loop.time() > deadline:
                     raise AssertionError(f"meter session {reservation_id} did not settle")
                 await asyncio.sleep(0.002)
 
         found = self.run.server.run(probe)
         assert found is not None, f"the server dropped live stream {reservation_id}"
-        state, grant_input, grant_output = found
+        state, grant_input, grant_output, capped = found
         deadline = time.monotonic() + 10
-        while live.grant_output != grant_output or live.aborted != (state == "aborted"):
+        # An open stream whose grant cannot grow has been told so (opened or granted).
+        while (
+            live.grant_output != grant_output
+            or live.aborted != (state == "aborted")
+            or (state == "open" and live.final != capped)
+        ):
             event = live.stream.next_event(max(0.01, deadline - time.monotonic()))
             assert event is not None, (
                 f"stream ended: {live.stream.code} {live.stream.details}; "
@@ -1050,6 +1064,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.count("OK")
         assert opened.granted_output_tokens == grant, (opened, grant)
         assert not opened.resumed
+        assert opened.grant_final == (grant < high), (opened, grant, high)
         res = ModelReservation(
             id=opened.reservation_id,
             budget_id=budget.id,
@@ -1062,7 +1077,9 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         self.model.reservations[res.id] = res
         self.model.hold(res, prompt + grant)
-        self.streams.append(LiveStream(stream, res.id, budget.id, max_output, grant_output=grant))
+        live = LiveStream(stream, res.id, budget.id, max_output, grant_output=grant)
+        live.final = opened.grant_final
+        self.streams.append(live)
         self.entries(len(chain))
 
     @precondition(has_streams)

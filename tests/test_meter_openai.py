@@ -211,6 +211,10 @@ async def test_a_runaway_stream_is_cut_off_at_the_budget(
     overage = counted - grant_output  # counted after the grant, before the abort arrived
     assert in_flight >= 0
     assert overage >= 0, "aborted before the grant was used up"
+    if flavour == "async":
+        # The last grant came marked final long before the count reached it, so the client
+        # cut the stream at it in the task that counts, with no round trip to budgetd.
+        assert overage == 0, f"{overage} tokens counted past a final grant"
     assert in_flight + overage <= BEYOND_GRANT_MAX, (
         f"{overage} tokens counted past the grant and {in_flight} in flight"
     )
@@ -227,6 +231,33 @@ async def test_a_runaway_stream_is_cut_off_at_the_budget(
     figures = await spent(api, budget_id)
     assert (figures.spent, figures.reserved) == (error.charged, 0)
     assert figures.overage == error.charged - 1000
+    await assert_ledger_clean(api)
+
+
+async def test_the_client_cuts_at_a_final_grant_in_the_call_that_counts(
+    api: Stubs, tmp_path: Path
+) -> None:
+    """No round trip on the abort path once the grant is final: the count that reaches it
+    aborts before control returns (no await in between), and budgetd, seeing the same
+    totals, aborts and charges the same."""
+    await create(api, "oai:final", 130)
+    async with BudgetClient(api.address, spool_dir=tmp_path / "spool") as budgets:
+        meter = budgets.meter("oai:final", model=MODEL, prompt_tokens=100)
+        await meter.open()
+        assert (meter.granted_output_tokens, meter.grant_final) == (30, True)
+        cut: list[BudgetExceeded] = []
+        meter.on_abort(cut.append)
+        meter.add_output_tokens(29)
+        assert meter.aborted is None
+        assert not cut
+        meter.add_output_tokens(1)
+        assert meter.aborted is not None
+        assert cut == [meter.aborted]
+        assert meter.aborted.budget_id == "oai:final"
+        committed = await meter.finish()
+    assert (committed.charged, committed.overage) == (130, 0)
+    assert committed.budget is not None
+    assert (committed.budget.spent, committed.budget.reserved) == (130, 0)
     await assert_ledger_clean(api)
 
 

@@ -118,11 +118,19 @@ async def test_near_the_limit_the_grant_shrinks_to_what_is_left_then_aborts(api:
     await create(api, "meter:edge", 1000)
     call, opened = await open_stream(api, open_request("meter:edge", prompt_tokens=100))
     assert opened.granted_output_tokens == 256
+    assert not opened.grant_final
     await call.write(usage_request(100, refill_mark(256)))
-    assert (await expect_event(call, "granted")).granted.granted_output_tokens == 512
+    granted = (await expect_event(call, "granted")).granted
+    assert (granted.granted_output_tokens, granted.final) == (512, False)
     await call.write(usage_request(100, refill_mark(512)))
-    # Doubling would ask for 1024; exactly 1000 - 100 = 900 output tokens are left.
-    assert (await expect_event(call, "granted")).granted.granted_output_tokens == 900
+    # Doubling would ask for 1024; exactly 1000 - 100 = 900 output tokens are left, and
+    # the grant says it is the last, so a client may cut the stream at it by itself.
+    granted = (await expect_event(call, "granted")).granted
+    assert (granted.granted_output_tokens, granted.final, granted.capped_by) == (
+        900,
+        True,
+        "meter:edge",
+    )
     held = await budget(api, "meter:edge")
     assert (held.spent, held.reserved, held.available) == (0, 1000, 0)
 
@@ -156,6 +164,7 @@ async def test_open_grant_shrinks_to_what_is_left_and_provider_usage_is_committe
     await create(api, "meter:small", 300)
     call, opened = await open_stream(api, open_request("meter:small", prompt_tokens=100))
     assert opened.granted_output_tokens == 200  # not 256: only 200 fit after the prompt
+    assert (opened.grant_final, opened.capped_by) == (True, "meter:small")
     await call.write(usage_request(100, refill_mark(200)))  # an extension that cannot grow
     await call.write(usage_request(100, 200))
     abort = (await expect_event(call, "abort")).abort
@@ -165,6 +174,28 @@ async def test_open_grant_shrinks_to_what_is_left_and_provider_usage_is_committe
     committed = await committed_after_finish(call, finish_request(98, 197, provider=True))
     assert (committed.charged, committed.overage) == (98 + 197, 0)
     assert (committed.budget.spent, committed.budget.reserved) == (295, 0)
+    await assert_ledger_clean(api)
+
+
+async def test_an_extension_refused_early_marks_the_grant_final(api: Stubs) -> None:
+    await create(api, "meter:taken", 700)
+    call, opened = await open_stream(api, open_request("meter:taken", prompt_tokens=100))
+    assert (opened.granted_output_tokens, opened.grant_final) == (256, False)
+    # Another caller takes the rest, so the extension asked for at the refill mark finds
+    # no room: the same grant comes back, now final, well before the stream reaches it.
+    await api.budget.Reserve(pb.ReserveRequest(budget_id="meter:taken", amount=344))
+    await call.write(usage_request(100, refill_mark(256)))
+    granted = (await expect_event(call, "granted")).granted
+    assert (granted.granted_output_tokens, granted.final, granted.capped_by) == (
+        256,
+        True,
+        "meter:taken",
+    )
+    await call.write(usage_request(100, 256))
+    abort = (await expect_event(call, "abort")).abort
+    assert (abort.reason, abort.budget_id) == (pb.ABORT_REASON_EXHAUSTED, "meter:taken")
+    committed = await committed_after_finish(call, finish_request(100, 256))
+    assert (committed.charged, committed.overage) == (356, 0)
     await assert_ledger_clean(api)
 
 

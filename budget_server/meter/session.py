@@ -4,7 +4,8 @@ Usage messages are cumulative and handled in memory: inside the grant nothing is
 and nothing is sent. As usage nears the grant, an extension goes through the budget's
 actor in the background (grants grow geometrically, shrinking to exactly what is left
 near the limit). When usage reaches a grant that could not grow, the stream is aborted
-at once, from memory, which is what keeps abort latency at one message hop.
+at once, from memory, which is what keeps abort latency at one message hop. Such a grant
+is sent marked final, so that the client can cut the upstream there itself, with no hop.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ class MeterSession:
             granted_output_tokens=self.grant.output_tokens,
             resumed=resumed,
             usage=usage_to_pb(reservation.usage),
+            grant_final=bool(self._capped_by),
+            capped_by=self._capped_by,
         )
 
     async def _reserve(self, message: pb.MeterOpen) -> OpResult:
@@ -235,6 +238,7 @@ class MeterSession:
             target = min(target, max(self.max_output_tokens, self.usage.output_tokens))
         target = min(target, AMOUNT_MAX)
         usage = self.usage
+        announced = False
         try:
             result = await self._ledger.extend(
                 ExtendOp(
@@ -271,14 +275,26 @@ class MeterSession:
             if self.grant.output_tokens < target:
                 self._capped_by = self._tightest(result)
             if grown and self.state == "open":
-                self._send(
-                    pb.MeterEvent(
-                        granted=pb.MeterGranted(granted_output_tokens=self.grant.output_tokens)
-                    )
-                )
+                self._send_grant()
+                announced = True
         self._extension = None
         if self.state == "open":
             self._check_grant()
+        if self.state == "open" and self._capped_by and not announced:
+            # Refused before the stream reached its grant: say the grant is final, so the
+            # client cuts the upstream at it without waiting for our abort.
+            self._send_grant()
+
+    def _send_grant(self) -> None:
+        self._send(
+            pb.MeterEvent(
+                granted=pb.MeterGranted(
+                    granted_output_tokens=self.grant.output_tokens,
+                    final=bool(self._capped_by),
+                    capped_by=self._capped_by,
+                )
+            )
+        )
 
     @staticmethod
     def _tightest(result: OpResult) -> str:

@@ -1072,9 +1072,17 @@ class MeterOpened(_message.Message):
     GRANTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    GRANT_FINAL_FIELD_NUMBER: _builtins.int
+    CAPPED_BY_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     granted_output_tokens: _builtins.int
     resumed: _builtins.bool
+    grant_final: _builtins.bool
+    """The grant is the last this stream gets: the budget named by capped_by had no more
+    room. The server aborts the stream when its output reaches the grant, so the client
+    may cut the upstream there itself, without waiting for the round trip.
+    """
+    capped_by: _builtins.str
     @_builtins.property
     def usage(self) -> Global___Usage:
         """what the server knows when resuming"""
@@ -1086,10 +1094,12 @@ class MeterOpened(_message.Message):
         granted_output_tokens: _builtins.int = ...,
         resumed: _builtins.bool = ...,
         usage: Global___Usage | None = ...,
+        grant_final: _builtins.bool = ...,
+        capped_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted_output_tokens", b"granted_output_tokens", "reservation_id", b"reservation_id", "resumed", b"resumed", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capped_by", b"capped_by", "grant_final", b"grant_final", "granted_output_tokens", b"granted_output_tokens", "reservation_id", b"reservation_id", "resumed", b"resumed", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1100,15 +1110,24 @@ class MeterGranted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GRANTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    CAPPED_BY_FIELD_NUMBER: _builtins.int
     granted_output_tokens: _builtins.int
+    final: _builtins.bool
+    """As in MeterOpened. Sent with an unchanged grant when an extension is refused early
+    (before the stream reaches its grant), so that the client learns it is final.
+    """
+    capped_by: _builtins.str
     def __init__(
         self,
         *,
         granted_output_tokens: _builtins.int = ...,
+        final: _builtins.bool = ...,
+        capped_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted_output_tokens", b"granted_output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capped_by", b"capped_by", "final", b"final", "granted_output_tokens", b"granted_output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
