@@ -4,11 +4,18 @@ to the upstream HTTP stream being closed; idle and at a share of budgetd's peak 
 The real client path: `wrap_openai(openai.AsyncOpenAI(base_url=fake))` with a BudgetClient,
 against the fake OpenAI server in its own process. Each probe streams on its own budget
 sized to its prompt plus `abort_grant_tokens` output tokens, so budgetd grants exactly that,
-refuses the extension, and aborts from memory when the count reaches the grant. Per probe:
+marked final, and the client cuts the stream when its count reaches it (budgetd aborts its
+side on the same totals). The server-decided path (a grant that was not final: an extension
+refused at the edge, a freeze) is the raw gRPC row and the bare server's client path, whose
+grants are never final. Per probe:
 
-* abort_ms: crossing usage handed to the meter -> `abort` event delivered to the client;
-* close_ms: -> the upstream stream's close() returned (the client closed the connection);
-* disconnect_ms: -> the fake server saw the disconnect (its record, `time.time()`).
+* abort_ms: crossing usage handed to the meter -> the abort: decided by the client itself
+  when its grant was final (`decided_by_client`), else the server's `abort` event;
+* disconnect_ms: -> the fake server saw the disconnect (its record, `time.time()`): the
+  upstream HTTP stream closed, as the provider sees it. This is the figure held to the
+  targets: the client shuts the socket in its abort callback, so the connection is gone
+  before the openai SDK's own close() has finished its bookkeeping;
+* close_ms: -> the upstream stream's close() returned (reported beside it).
 
 Limits in the same run, at the same background load on the bare server: a bare gRPC round
 trip (usage out, reply back, on a bare echo stream), and the same client path against the
@@ -257,9 +264,10 @@ def path_latencies(
     return {
         "probes": len(probes),
         "not_aborted": sum(1 for p in probes if not p["aborted"]),
-        "abort_event": latency(abort),
-        "upstream_closed": latency(close),
-        "server_saw_disconnect": latency(disconnect),
+        "decided_by_client": sum(1 for p in probes if p.get("local")),
+        "abort_decided": latency(abort),
+        "upstream_saw_close": latency(disconnect),
+        "client_close_returned": latency(close),
     }
 
 
@@ -268,7 +276,7 @@ def summarize(condition: dict[str, Any], records: dict[str, dict[str, Any]]) -> 
     bare_client = path_latencies(condition["samples"]["bare"], records)
     rtt = latency(condition["echo_rtts"])
     raw = {name: latency(values) for name, values in condition["raw_rtts"].items()}
-    p99 = budgetd["upstream_closed"]["p99_ms"]
+    p99 = budgetd["upstream_saw_close"]["p99_ms"]
     times_rtt = ratio(p99 if p99 is not None else float("nan"), rtt["p99_ms"] or float("nan"))
     checks = {"p99_within_2x_bare_rtt": times_rtt <= TARGET_TIMES_BARE_RTT}
     if condition["load"] > 0:

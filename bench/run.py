@@ -180,7 +180,7 @@ def table_rows(results: dict[str, Any]) -> Iterator[Row]:
     aborts = results.get("abort_latency", {})
     for row in aborts.get("rows", []):
         load = "idle" if not row["load"] else f"{row['load']:.0%} of peak"
-        mine = row["budgetd"]["upstream_closed"]
+        mine = row["budgetd"]["upstream_saw_close"]
         rtt = row["bare_rtt"]
         yield (
             "3 abort -> closed",
@@ -212,7 +212,19 @@ def table_rows(results: dict[str, Any]) -> Iterator[Row]:
             "(raw gRPC: usage at the edge -> abort)",
             "",
         )
-        bare_path = row["bare_client_path"]["upstream_closed"]
+        returned = row["budgetd"]["client_close_returned"]
+        yield (
+            "",
+            load,
+            f"client close() returned p99 {_n(returned['p99_ms'], ' ms')} "
+            f"(p50 {_n(returned['p50_ms'])})",
+            "",
+            "",
+            f"({row['budgetd']['decided_by_client']} of {row['budgetd']['probes']} "
+            "cut by the client at a final grant)",
+            "",
+        )
+        bare_path = row["bare_client_path"]["upstream_saw_close"]
         yield (
             "",
             load,

@@ -453,7 +453,8 @@ class Probe:
     """Instruments one MeteredAsyncStream: when each usage total was handed to the meter
     (`Meter.set_usage`, which `add_output_text` calls), when the abort arrived, and when the
     upstream stream's close() returned. The crossing usage is the first total that reached
-    the grant the stream was aborted at."""
+    the grant the stream was aborted at. An abort that happens inside `set_usage` was
+    decided by the client at a final grant; any other came from the server."""
 
     def __init__(self, stream: Any) -> None:
         self.meter = meter = stream.meter
@@ -462,11 +463,17 @@ class Probe:
         self.closed_perf: float | None = None
         self.granted_at_abort = 0
         self.output_at_abort = 0
+        self.local = False
+        self._counting = False
         set_usage = meter.set_usage
 
         def timed_set_usage(usage: Any) -> None:
             self.handed.append((usage.output_tokens, time.time(), time.perf_counter()))
-            set_usage(usage)
+            self._counting = True
+            try:
+                set_usage(usage)
+            finally:
+                self._counting = False
 
         meter.set_usage = timed_set_usage
         meter.on_abort(self._on_abort)
@@ -475,6 +482,7 @@ class Probe:
 
     def _on_abort(self, _error: BaseException) -> None:
         self.abort_perf = time.perf_counter()
+        self.local = self._counting
         self.granted_at_abort = self.meter.granted_output_tokens
         self.output_at_abort = self.meter.usage.output_tokens
 
@@ -484,6 +492,7 @@ class Probe:
         found: dict[str, Any] = {
             "granted_at_abort": self.granted_at_abort,
             "output_at_abort": self.output_at_abort,
+            "local": self.local,
         }
         crossing = next((h for h in self.handed if h[0] >= self.granted_at_abort), None)
         if crossing is not None:
