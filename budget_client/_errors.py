@@ -29,8 +29,11 @@ class BudgetError(Exception):
 class BudgetExceeded(BudgetError):
     """The budget cannot cover the call: refused up front, or aborted while streaming.
 
-    When a stream was cut off, `partial_text` is what the app received before the abort
-    and `usage`/`charged` are what the ledger recorded for it.
+    When a stream was cut off, `partial_text` is what the client counted (what the app
+    received, and what the provider sent before it saw the cut) and `usage`/`charged` are
+    what the ledger recorded for it. `uncounted_tail` is True when the provider was still
+    sending a while after the cut (`COUNT_AFTER_CUT_S`), so the rest went uncounted and
+    the charge may be short of the provider's bill.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class BudgetExceeded(BudgetError):
         partial_text: str = "",
         usage: Usage | None = None,
         charged: int | None = None,
+        uncounted_tail: bool = False,
         code: grpc.StatusCode | None = grpc.StatusCode.RESOURCE_EXHAUSTED,
     ) -> None:
         super().__init__(message, code=code)
@@ -50,6 +54,7 @@ class BudgetExceeded(BudgetError):
         self.partial_text = partial_text
         self.usage = usage
         self.charged = charged
+        self.uncounted_tail = uncounted_tail
 
 
 class BudgetUnavailable(BudgetError):

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from budget_client._client import BudgetClient
 from budget_client._errors import BudgetExceeded
@@ -119,14 +119,23 @@ class _RequestPlan:
             self.kwargs["stream_options"] = options
 
 
-def _shutdown_socket(response: Any) -> None:
-    """Shut the connection's socket: the provider sees the stream end now.
+# After a cut-off, how long the stream is still read for what the provider sent before it
+# saw the close. Those tokens are billed, so they are counted (as overage) but never handed
+# to the app. The cut closes our sending side, so the provider ends the response within a
+# round trip; this bounds one that does not, after which the connection is shut for good.
+COUNT_AFTER_CUT_S = 1.0
 
-    This is the cut-off itself, done synchronously in the abort callback. Closing the httpx
-    response takes its reader's turn (on an event loop, after whatever runs before it) and,
+
+def _shutdown_socket(response: Any, how: int) -> None:
+    """Shut the connection's socket (`how` as in socket.shutdown), synchronously.
+
+    This is the cut-off itself, done in the abort callback. Closing the httpx response
+    instead takes its reader's turn (on an event loop, after whatever runs before it) and,
     from another thread, does not wake a blocked read until the next byte arrives (seconds,
-    on a slow model). The shutdown goes through a duplicate of the descriptor because event
-    loops hand out socket stand-ins (uvloop's refuses shutdown); both name one connection.
+    on a slow model). SHUT_WR sends the provider our FIN at once while what it already
+    sent can still be read and counted; SHUT_RDWR also ends a read blocked on a provider
+    that keeps going. It goes through a duplicate of the descriptor because event loops
+    hand out socket stand-ins (uvloop's refuses shutdown); both name one connection.
     """
     stream = getattr(response, "extensions", {}).get("network_stream")
     sock = stream.get_extra_info("socket") if stream is not None else None
@@ -136,7 +145,7 @@ def _shutdown_socket(response: Any) -> None:
         contextlib.suppress(OSError, ValueError),
         socket.socket(fileno=os.dup(sock.fileno())) as duplicate,
     ):
-        duplicate.shutdown(socket.SHUT_RDWR)
+        duplicate.shutdown(how)
 
 
 # ----------------------------------------------------------------------------- async
@@ -150,10 +159,12 @@ class MeteredAsyncStream:
         self.meter = meter
         self._hide_usage_chunk = hide_usage_chunk
         self._aborted = asyncio.Event()
+        self._reading = True  # the connection is still ours: not yet ended, pooled or closed
         meter.on_abort(self._cut_off)
 
     def _cut_off(self, _error: BudgetExceeded) -> None:
-        _shutdown_socket(self._stream.response)
+        if self._reading:
+            _shutdown_socket(self._stream.response, socket.SHUT_WR)
         self._aborted.set()
 
     @property
@@ -171,6 +182,7 @@ class MeteredAsyncStream:
 
     async def close(self) -> None:
         """Close the upstream connection and commit what was used."""
+        self._reading = False
         await self._stream.close()
         await self.meter.finish()
 
@@ -184,36 +196,47 @@ class MeteredAsyncStream:
                     (step, abort_wait), return_when=asyncio.FIRST_COMPLETED
                 )
                 if abort_wait in done:
-                    # The abort wins even over chunks already buffered: those tokens were
-                    # produced (count them), but the app must not read on past the budget.
-                    if step.done() and not step.cancelled() and step.exception() is None:
-                        count_chunk(self.meter, step.result())
-                    # Cancelling the read drops the connection; close() makes sure of it.
-                    step.cancel()
-                    with contextlib.suppress(BaseException):
-                        await step
-                    await self._stream.close()
-                    await self.meter.finish()
-                    assert self.meter.aborted is not None
-                    raise self.meter.aborted
+                    # The abort wins even over chunks already buffered: they are counted,
+                    # but the app must not read on past the budget.
+                    await self._end_cut_off(upstream, step)
                 try:
                     chunk = step.result()
                 except StopAsyncIteration:
                     break
                 count_chunk(self.meter, chunk)
                 if self._aborted.is_set():  # this chunk reached a final grant
-                    await self._stream.close()
-                    await self.meter.finish()
-                    assert self.meter.aborted is not None
-                    raise self.meter.aborted
+                    await self._end_cut_off(upstream, None)
                 if self._hide_usage_chunk and not chunk.choices:
                     continue
                 yield chunk
         finally:
+            self._reading = False
             abort_wait.cancel()
             if self.meter.committed is None:
                 await self._stream.close()
                 await self.meter.finish()
+
+    async def _end_cut_off(
+        self, upstream: AsyncIterator[Any], step: asyncio.Future[Any] | None
+    ) -> NoReturn:
+        """Count what the provider sent before it saw the close, then close and commit."""
+        try:
+            async with asyncio.timeout(COUNT_AFTER_CUT_S):
+                if step is not None:
+                    count_chunk(self.meter, await step)
+                async for chunk in upstream:
+                    count_chunk(self.meter, chunk)
+        except TimeoutError:  # the provider kept sending: stop reading it too
+            _shutdown_socket(self._stream.response, socket.SHUT_RDWR)
+            assert self.meter.aborted is not None
+            self.meter.aborted.uncounted_tail = True
+        except Exception:  # the end of the response: the provider closed its side too
+            pass
+        self._reading = False
+        await self._stream.close()
+        await self.meter.finish()
+        assert self.meter.aborted is not None
+        raise self.meter.aborted
 
 
 class _AsyncCompletions:
@@ -270,8 +293,20 @@ class MeteredStream:
         self._stream = stream
         self.meter = meter
         self._hide_usage_chunk = hide_usage_chunk
-        response = stream.response
-        meter.on_abort(lambda _error: _shutdown_socket(response))
+        self._reading = True  # the connection is still ours: not yet ended, pooled or closed
+        meter.on_abort(self._cut_off)
+
+    def _cut_off(self, _error: BudgetExceeded) -> None:
+        """Runs on the client's loop thread, while the app's thread may be blocked reading."""
+        if self._reading:
+            _shutdown_socket(self._stream.response, socket.SHUT_WR)
+            asyncio.get_running_loop().call_later(COUNT_AFTER_CUT_S, self._stop_reading)
+
+    def _stop_reading(self) -> None:
+        if self._reading:  # the provider kept sending: end the read blocked on it
+            _shutdown_socket(self._stream.response, socket.SHUT_RDWR)
+            if self.meter.aborted is not None:
+                self.meter.aborted.uncounted_tail = True
 
     @property
     def response(self) -> Any:
@@ -287,6 +322,7 @@ class MeteredStream:
         self.close()
 
     def close(self) -> None:
+        self._reading = False
         self._stream.close()
         self.meter.finish()
 
@@ -297,18 +333,20 @@ class MeteredStream:
                 for chunk in self._stream:
                     count_chunk(self.meter, chunk)
                     if self.meter.aborted is not None:
-                        break
+                        continue  # sent before the provider saw the cut: counted, not handed on
                     if self._hide_usage_chunk and not chunk.choices:
                         continue
                     yield chunk
             except Exception:
                 if self.meter.aborted is None:
                     raise  # a real upstream failure, not our shutdown of the socket
+            self._reading = False
             self._stream.close()
             self.meter.finish()
             finished = True
             self.meter.raise_if_aborted()
         finally:
+            self._reading = False
             if not finished:
                 self._stream.close()
                 self.meter.finish()

@@ -7,7 +7,8 @@ what the streams would use, so it runs out mid-stream and budgetd aborts streams
 
 What the fake server recorded is the truth each stream is checked against; the ledger
 must show no drift, one COMMIT per reservation, and nothing past the limit but recorded
-overage, each abort's overage no more than the tokens that were in flight.
+overage; an aborted stream is charged every token the fake sent it, which the client
+counts by reading on until the fake, having seen the cut, ends the response.
 """
 
 from __future__ import annotations
@@ -35,15 +36,11 @@ TOKENS = (200, 2_000)  # reply length per stream, uniform
 RATES = (100, 300)  # tokens per second per stream, uniform
 LIMIT = 30_000  # about 40 % of the ~72,000 tokens the 64 streams would use
 
-# Once the abort reaches the client, the wrapper reads nothing more: at most the chunk
-# already being read is counted (the fake sends one token per chunk; re-tokenizing the
-# text a token ends can move the count by one more).
-AFTER_ABORT_TOKENS_MAX = 2
-# From the client's count reaching its grant to budgetd's abort arriving: one usage
-# message and one abort on loopback, milliseconds when idle. While all 64 streams run this
-# test saturates both cores (the openai SDK alone parses a chunk in ~200 µs; 64 streams
-# send ~12,800 chunks/s), and we measured medians of 0.06-0.3 s and maxima up to 1.6 s
-# (tens of tokens of overage per abort). A sanity bound under that load, not a target.
+# From the client's count reaching its grant to the abort: none when the grant was final
+# (the client cuts there itself), else one usage message and one abort on loopback,
+# milliseconds when idle. While all 64 streams run this test saturates both cores (the
+# openai SDK alone parses a chunk in ~200 µs; 64 streams send ~12,800 chunks/s), and we
+# measured maxima up to 1.6 s before grants were final. A sanity bound, not a target.
 ABORT_LATENCY_MAX_S = 3.0
 
 
@@ -112,9 +109,9 @@ async def test_64_streams_from_4_processes_share_one_budget(db_url: str, tmp_pat
         assert history.kinds["COMMIT"] == 1, history.kinds
         assert history.kinds["EXPIRE"] == 0, history.kinds
 
-    in_flight: list[int] = []
     latencies_s: list[float] = []
-    read_after_abort: list[int] = []  # tokens counted after the abort reached the client
+    after_abort: list[int] = []  # tokens the fake sent after the abort, before it saw it
+    uncounted_tails: list[int] = []  # tokens left unread when COUNT_AFTER_CUT_S ran out
     for stream in metered:
         record = records[stream["request_id"]]
         history = found[stream["reservation_id"]]
@@ -133,28 +130,26 @@ async def test_64_streams_from_4_processes_share_one_budget(db_url: str, tmp_pat
             assert sent_tokens == record.tokens_sent == stream["tokens_requested"]
             assert stream["charged"] == record.prompt_tokens + record.tokens_sent
             continue
-        # Aborted: the client charged what it counted, an exact count of what it received,
-        # which is what the fake server sent less the tokens still in flight when the
-        # connection closed.
-        # (The app may not see the last chunk counted: it arrived with the abort.)
+        # Aborted: the client charged what it counted, an exact count of what it received:
+        # everything the fake sent, read on after the cut (not handed to the app) until the
+        # fake, having seen it, ended the response. The provider bills those tokens too. A
+        # client far behind its provider (this test saturates both cores) may still have
+        # been reading its backlog when COUNT_AFTER_CUT_S ran out, and says so.
         counted_text = stream["counted_text"]
         assert counted_text.startswith(stream["received_text"])
-        assert record.text_sent.startswith(counted_text)
         assert stream["counted_output"] == count_text(encoding, counted_text)
+        if stream["uncounted_tail"]:
+            assert record.text_sent.startswith(counted_text)
+            uncounted_tails.append(sent_tokens - stream["counted_output"])
+        else:
+            assert counted_text == record.text_sent, "tokens the fake sent were not counted"
         assert stream["charged"] == record.prompt_tokens + stream["counted_output"]
-        assert 0 <= sent_tokens - stream["counted_output"] <= record.tokens_sent
-        in_flight.append(record.tokens_sent - stream["counted_output"])
-        # Overage: the tokens counted beyond the grant, which is no more than what was
-        # really sent beyond it, and no more than what was counted while the abort was
-        # on its way (plus the chunk being read when it arrived).
+        # Overage: the tokens sent beyond the grant before the fake saw the cut.
         granted = reservation.grant_output_tokens
         assert stream["overage"] == max(0, stream["counted_output"] - granted)
-        assert stream["overage"] <= max(0, record.tokens_sent - granted)
         assert stream["output_at_abort"] is not None
-        after_abort = stream["counted_output"] - stream["output_at_abort"]
-        assert after_abort >= 0
-        if after_abort > AFTER_ABORT_TOKENS_MAX:
-            read_after_abort.append(after_abort)
+        assert stream["counted_output"] >= stream["output_at_abort"]
+        after_abort.append(stream["counted_output"] - stream["output_at_abort"])
         if stream["reached_grant_at"] is not None:
             latencies_s.append(stream["abort_at"] - stream["reached_grant_at"])
     assert max(latencies_s, default=0.0) < ABORT_LATENCY_MAX_S
@@ -164,9 +159,8 @@ async def test_64_streams_from_4_processes_share_one_budget(db_url: str, tmp_pat
         f"aborted; spent {budget.spent} of {budget.limit} with overage {budget.overage}; "
         f"per abort overage max {max(overages)} median {statistics.median(overages)}; "
         f"abort latency max {max(latencies_s, default=0):.3f} s median "
-        f"{statistics.median(latencies_s) if latencies_s else 0:.3f} s; tokens in flight "
-        f"at close max {max(in_flight)} median {statistics.median(in_flight)}"
+        f"{statistics.median(latencies_s) if latencies_s else 0:.3f} s; tokens read after "
+        f"the abort max {max(after_abort)} median {statistics.median(after_abort)}; "
+        f"{len(uncounted_tails)} stopped counting at COUNT_AFTER_CUT_S, "
+        f"{sum(uncounted_tails)} tokens uncounted"
     )
-    # Once the abort reaches the client it reads nothing more (the chunk ready with it is
-    # counted, not read on from): a client behind its provider must not drain its buffer.
-    assert not read_after_abort, f"streams read on after the abort: {read_after_abort}"

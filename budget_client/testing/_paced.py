@@ -10,13 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from budget_client.testing._records import LiveRecord
 from budget_client.testing._wire import Emission, error_body
+
+# Where the server's protocol puts itself in the scope's state (`_server.ConnectionInState`).
+CONNECTION_STATE = "budgetd.fake.connection"
+
+
+def closing_check(scope: Scope) -> Callable[[], bool]:
+    """Whether the client has closed the connection (its FIN made asyncio close the
+    transport). A write made after that is dropped without a word, so it is not sent."""
+    connection: Any = scope.get("state", {}).get(CONNECTION_STATE)
+    if connection is None:
+        return lambda: False
+    return lambda: bool(connection.transport is None or connection.transport.is_closing())
 
 
 class PacedResponse(Response):
@@ -47,6 +60,7 @@ class PacedResponse(Response):
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._closing = closing_check(scope)
         writer = asyncio.create_task(self._write(send))
         watcher = asyncio.create_task(self._watch(receive))
         stopper = asyncio.create_task(self._shutdown.wait())
@@ -73,12 +87,21 @@ class PacedResponse(Response):
             # Always yields, even when due: lets the watcher cancel us first if the
             # disconnect is already known, instead of writing into a dead socket.
             await asyncio.sleep(max(t0 + emission.due - loop.time(), 0.0))
-            await self._start(send)
-            await send({"type": "http.response.body", "body": emission.body, "more_body": True})
+            if not await self._send_body(send, emission.body, more_body=True):
+                return
             self._live.sent(emission.text, emission.tokens, emission.chunk)
+        if await self._send_body(send, b"", more_body=False):
+            self._live.finish(completed=True)
+
+    async def _send_body(self, send: Send, body: bytes, *, more_body: bool) -> bool:
+        """Send, or record the disconnect if the client has closed its side: a write after
+        that would be dropped, and the record counts only what really went out."""
         await self._start(send)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        self._live.finish(completed=True)
+        if self._closing():
+            self._live.finish(disconnected_at=time.time())
+            return False
+        await send({"type": "http.response.body", "body": body, "more_body": more_body})
+        return True
 
     async def _start(self, send: Send) -> None:
         if not self._started:

@@ -17,16 +17,28 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from budget_client.testing._fake_openai import FakeConfig, create_app
+from budget_client.testing._paced import CONNECTION_STATE
 from budget_client.testing._records import RecordStore, RequestRecord
 from budget_client.testing._styles import TEXT_STYLES
 from budget_client.testing._tokens import get_encoding
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
+
+
+class ConnectionInState(H11Protocol):
+    """uvicorn's h11 protocol, putting itself in each request's scope state so that the
+    app can see whether the client has closed the connection (`_paced.closing_check`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.app_state = {**self.app_state, CONNECTION_STATE: self}
 
 
 class FakeOpenAIServer:
@@ -227,7 +239,7 @@ class FakeOpenAIServer:
             log_config=None,  # never reconfigure the host process's logging
             access_log=False,
             lifespan="off",
-            http="h11",
+            http=ConnectionInState,
             ws="none",
         )
         server = uvicorn.Server(config)

@@ -67,8 +67,8 @@ async def one_stream(
                 reached_grant_at = None
             elif reached_grant_at is None and not at_abort:
                 reached_grant_at = time.time()
-    except BudgetExceeded:
-        outcome["aborted"] = True
+    except BudgetExceeded as cut:
+        outcome.update(aborted=True, uncounted_tail=cut.uncounted_tail)
     committed = meter.committed
     assert committed is not None
     outcome.update(
