@@ -15,7 +15,9 @@ grants are never final. Per probe:
   upstream HTTP stream closed, as the provider sees it. This is the figure held to the
   targets: the client shuts the socket in its abort callback, so the connection is gone
   before the openai SDK's own close() has finished its bookkeeping;
-* close_ms: -> the upstream stream's close() returned (reported beside it).
+* close_ms: -> the upstream stream's close() returned, after the client has read and
+  counted what the provider sent before it saw the cut (reported beside it: this is when
+  the app gets its BudgetExceeded).
 
 Limits in the same run, at the same background load on the bare server: a bare gRPC round
 trip (usage out, reply back, on a bare echo stream), and the same client path against the
@@ -267,7 +269,7 @@ def path_latencies(
         "decided_by_client": sum(1 for p in probes if p.get("local")),
         "abort_decided": latency(abort),
         "upstream_saw_close": latency(disconnect),
-        "client_close_returned": latency(close),
+        "client_counted_and_closed": latency(close),
     }
 
 

@@ -212,11 +212,11 @@ def table_rows(results: dict[str, Any]) -> Iterator[Row]:
             "(raw gRPC: usage at the edge -> abort)",
             "",
         )
-        returned = row["budgetd"]["client_close_returned"]
+        returned = row["budgetd"]["client_counted_and_closed"]
         yield (
             "",
             load,
-            f"client close() returned p99 {_n(returned['p99_ms'], ' ms')} "
+            f"counted the rest, closed p99 {_n(returned['p99_ms'], ' ms')} "
             f"(p50 {_n(returned['p50_ms'])})",
             "",
             "",
