@@ -80,7 +80,10 @@ def test_smoke_mode_writes_every_measure(tmp_path: Path) -> None:
 
     for row in measures["abort_latency"]["rows"]:
         assert row["budgetd"]["not_aborted"] == 0
-        assert row["budgetd"]["upstream_closed"]["n"] > 0
+        assert row["budgetd"]["upstream_saw_close"]["n"] > 0
+        assert row["budgetd"]["client_counted_and_closed"]["n"] > 0
+        # Each probe's grant is final: the client cuts the stream itself.
+        assert row["budgetd"]["decided_by_client"] == row["budgetd"]["probes"]
         assert row["bare_rtt"]["n"] > 0
         assert row["raw_abort_rtt"]["budgetd"]["n"] > 0
         assert "p99_within_2x_bare_rtt" in row["checks"]
