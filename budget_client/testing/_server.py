@@ -34,8 +34,8 @@ _STOP_TIMEOUT = 10.0
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     """On uvloop when it is installed, as budgetd runs: how soon the fake notices a client
-    closing its stream is part of what the abort benchmarks measure, and asyncio's own loop
-    made it the larger part."""
+    closing its stream is part of what the abort benchmarks measure, so the fake should not
+    be the slowest process in the room."""
     try:
         import uvloop
     except ImportError:
