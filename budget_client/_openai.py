@@ -226,8 +226,7 @@ class MeteredAsyncStream:
                     count_chunk(self.meter, await step)
                 async for chunk in upstream:
                     count_chunk(self.meter, chunk)
-        except TimeoutError:  # the provider kept sending: stop reading it too
-            _shutdown_socket(self._stream.response, socket.SHUT_RDWR)
+        except TimeoutError:  # the provider kept sending; the close below shuts it out
             assert self.meter.aborted is not None
             self.meter.aborted.uncounted_tail = True
         except Exception:  # the end of the response: the provider closed its side too

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import openai
 import pytest
@@ -29,7 +30,7 @@ from openai.types.chat import (
 )
 
 from budget_client import BudgetClient, BudgetExceeded, SyncBudgetClient, wrap_openai
-from budget_client._openai import MeteredAsyncStream, count_chunk
+from budget_client._openai import COUNT_AFTER_CUT_S, MeteredAsyncStream, count_chunk
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_client._tokenizer import count_chat_prompt_tokens, get_encoding_for_model
 from budget_client.testing import FakeOpenAIServer, RequestRecord
@@ -147,8 +148,15 @@ def _call_sync(
     return Outcome(chunks, None, reservation_id)
 
 
+class Provider(Protocol):
+    """What the app needs of a provider: where it is (the fake, or a test's own server)."""
+
+    @property
+    def base_url(self) -> str: ...
+
+
 async def call_app(
-    flavour: str, api: Stubs, tmp_path: Path, fake: FakeOpenAIServer, budget_id: str, **kwargs: Any
+    flavour: str, api: Stubs, tmp_path: Path, fake: Provider, budget_id: str, **kwargs: Any
 ) -> Outcome:
     spool_dir = tmp_path / "spool"
     if flavour == "async":
@@ -257,6 +265,87 @@ async def test_the_client_cuts_at_a_final_grant_in_the_call_that_counts(
     assert (committed.charged, committed.overage) == (130, 0)
     assert committed.budget is not None
     assert (committed.budget.spent, committed.budget.reserved) == (130, 0)
+    await assert_ledger_clean(api)
+
+
+@dataclass
+class DeafProvider:
+    """A streaming endpoint that never reads after the request, so it ignores the client's
+    close (half-close) and keeps sending one token every 10 ms until a write fails."""
+
+    base_url: str = ""
+    ended_at: float | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        event = (
+            b'data: {"id":"deaf","object":"chat.completion.chunk","created":0,'
+            b'"model":"gpt-4o","choices":[{"index":0,"delta":{"content":" word"},'
+            b'"finish_reason":null}]}\n\n'
+        )
+        chunk = b"%x\r\n%s\r\n" % (len(event), event)
+        try:
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        except (ConnectionError, OSError):
+            self.ended_at = time.monotonic()
+            self.ended.set()
+        finally:
+            writer.close()
+
+
+async def test_a_provider_that_ignores_the_cut_is_shut_out_after_the_bound(
+    api: Stubs, tmp_path: Path, flavour: str
+) -> None:
+    """After the cut the client reads on for what the provider had sent, but no longer than
+    COUNT_AFTER_CUT_S: then it shuts the connection for good and says the charge may be
+    short. (The sync client's read would otherwise block on this provider forever.)"""
+    budget_id = f"oai:deaf-{flavour}"
+    prompt_tokens = count_chat_prompt_tokens(MESSAGES, MODEL)
+    await create(api, budget_id, prompt_tokens + 5)
+    deaf = DeafProvider()
+    server = await asyncio.start_server(deaf.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    deaf.base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        started = time.monotonic()
+        async with asyncio.timeout(COUNT_AFTER_CUT_S + 20):
+            outcome = await call_app(flavour, api, tmp_path, deaf, budget_id, stream=True)
+        returned = time.monotonic()
+        async with asyncio.timeout(WAIT_S):
+            await deaf.ended.wait()
+    finally:
+        server.close()
+    error = outcome.error
+    assert error is not None, "the stream ran to its end"
+    assert error.uncounted_tail
+    assert COUNT_AFTER_CUT_S <= returned - started < COUNT_AFTER_CUT_S + 10
+    assert deaf.ended_at is not None
+    assert deaf.ended_at < returned + 5, "the connection was not shut after the bound"
+    # What arrived within the bound was counted and charged, past the grant of 5.
+    assert error.usage is not None
+    counted = error.usage.output_tokens
+    assert counted > 5
+    assert error.charged == prompt_tokens + counted
+    figures = await spent(api, budget_id)
+    assert (figures.spent, figures.reserved, figures.overage) == (
+        prompt_tokens + counted,
+        0,
+        counted - 5,
+    )
     await assert_ledger_clean(api)
 
 
