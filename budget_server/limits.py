@@ -21,6 +21,10 @@ TTL_MAX_MS: Final = 24 * 60 * 60 * 1000
 PAGE_SIZE_DEFAULT: Final = 100
 PAGE_SIZE_MAX: Final = 1000
 BATCH_OPS_MAX: Final = 256  # operations one actor applies in one SQL transaction
+# Batches of many budgets run together on PostgreSQL (`ledger.group`): this many at most
+# in one transaction, and this many such transactions at once per process.
+GROUP_BATCHES_MAX: Final = 128
+GROUPS_IN_FLIGHT_MAX: Final = 4
 ACTOR_QUEUE_MAX: Final = 10_000  # operations waiting on one budget before callers are refused
 ACTOR_IDLE_S: Final = 30.0  # an idle actor exits so memory follows active budgets only
 SWEEP_BATCH_MAX: Final = 500

@@ -11,7 +11,9 @@ The thread runs the statements on plain sqlite3 (`sqlite_raw.RawSqlite`), not th
 SQLAlchemy's execution pipeline, which cost more than the SQL itself.
 
 Each job runs in its own SAVEPOINT, so a failing batch (a compare-and-set conflict, a
-bug) is undone alone and the others still commit. Results are handed back only after the
+bug) is undone alone and the others still commit; the ledger's runner first lets the
+batches of different budgets share their statements, a group per savepoint, and falls
+back to that when a group gives up (`ledger.group`). Results are handed back only after the
 COMMIT, so nothing is acknowledged that could still be rolled back; if the COMMIT fails,
 every job of that transaction gets the error. The writer holds the process's write gate
 for the whole transaction, so other writers (admin, webhooks) interleave as before.
@@ -32,6 +34,8 @@ from budget_server.db.sqlite_raw import RawSqlite
 T = TypeVar("T")
 Job = Callable[[RawSqlite], Any]
 Outcome = tuple[bool, Any]  # (succeeded, value or exception)
+RunJobs = Callable[[RawSqlite, list[Job]], list[Outcome]]
+JobRunner = Callable[[RawSqlite, list[Job], RunJobs], list[Outcome]]  # given run_each
 
 # Jobs per transaction: enough to take every budget's batch of a busy moment, few enough
 # that one transaction does not hold the write lock for long.
@@ -50,6 +54,9 @@ class SqliteWriter:
         self._task: asyncio.Task[None] | None = None
         self.transactions = 0
         self.jobs = 0
+        # How a transaction's jobs run: each in its own savepoint unless the ledger sets a
+        # runner that lets jobs share statements (`ledger.group.SqliteGroups`).
+        self.runner: JobRunner | None = None
 
     async def run(self, job: Callable[[RawSqlite], T]) -> T:
         """Run `job` in a write transaction; returns once that transaction has committed."""
@@ -128,9 +135,7 @@ class SqliteWriter:
         try:
             conn.exec_plain("BEGIN IMMEDIATE")
             try:
-                outcomes = (
-                    [self._alone(conn, jobs[0])] if len(jobs) == 1 else self._each(conn, jobs)
-                )
+                outcomes = [run_alone(conn, jobs[0])] if len(jobs) == 1 else self._each(conn, jobs)
             except BaseException:
                 with contextlib.suppress(Exception):
                     conn.exec_plain("ROLLBACK")
@@ -143,29 +148,10 @@ class SqliteWriter:
             self._discard()
             raise
 
-    @staticmethod
-    def _each(conn: RawSqlite, jobs: list[Job]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        for job in jobs:
-            conn.exec_plain("SAVEPOINT job")
-            try:
-                value = job(conn)
-            except Exception as exc:
-                conn.exec_plain("ROLLBACK TO job")
-                conn.exec_plain("RELEASE job")
-                outcomes.append((False, exc))
-            else:
-                conn.exec_plain("RELEASE job")
-                outcomes.append((True, value))
-        return outcomes
-
-    @staticmethod
-    def _alone(conn: RawSqlite, job: Job) -> Outcome:
-        """One job needs no savepoint: if it fails, the transaction is rolled back."""
-        try:
-            return (True, job(conn))
-        except Exception as exc:
-            return (False, exc)
+    def _each(self, conn: RawSqlite, jobs: list[Job]) -> list[Outcome]:
+        if self.runner is None:
+            return run_each(conn, jobs)
+        return self.runner(conn, jobs, run_each)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -174,3 +160,28 @@ class SqliteWriter:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._discard)
         self._executor.shutdown(wait=True)
+
+
+def run_each(conn: RawSqlite, jobs: list[Job]) -> list[Outcome]:
+    """Each job in its own savepoint, so a failing one is undone alone."""
+    outcomes: list[Outcome] = []
+    for job in jobs:
+        conn.exec_plain("SAVEPOINT job")
+        try:
+            value = job(conn)
+        except Exception as exc:
+            conn.exec_plain("ROLLBACK TO job")
+            conn.exec_plain("RELEASE job")
+            outcomes.append((False, exc))
+        else:
+            conn.exec_plain("RELEASE job")
+            outcomes.append((True, value))
+    return outcomes
+
+
+def run_alone(conn: RawSqlite, job: Job) -> Outcome:
+    """One job needs no savepoint: if it fails, the transaction is rolled back."""
+    try:
+        return (True, job(conn))
+    except Exception as exc:
+        return (False, exc)

@@ -4,9 +4,10 @@ commit). A hot budget therefore costs one SQL transaction per batch, not per cal
 
 On a SQLite file the batch is handed to the database's single writer thread
 (`db.sqlite_writer`), which commits the batches of every budget queued meanwhile in one
-transaction, each in its own savepoint; on PostgreSQL it runs straight on the asyncpg
-connection (`db.pg_raw`); elsewhere, and for a batch that fires alerts, on the async
-engine.
+transaction, grouping batches of different budgets so that they share statements
+(`ledger.group`); on PostgreSQL it goes to the grouper, which runs it in a group with the
+batches waiting beside it, or hands it back to run alone on the asyncpg connection
+(`db.pg_raw`); elsewhere, and for a batch that fires alerts, on the async engine.
 
 The actor only orders work inside this process; correctness across processes comes from
 the row locks and compare-and-set writes in `txn.ChainBatch`.
@@ -25,10 +26,10 @@ from sqlalchemy.exc import IntegrityError
 from budget_server.db.engine import Database
 from budget_server.db.errors import is_unavailable
 from budget_server.db.pg_raw import raw_transaction
-from budget_server.db.sqlite_raw import RawSqlite
 from budget_server.errors import LedgerError, Overloaded, Unavailable
 from budget_server.events.model import BudgetEvent
 from budget_server.events.publisher import EventPublisher
+from budget_server.ledger.group import BatchJob, BatchOutcome, PostgresGroups
 from budget_server.ledger.model import Op, OpResult
 from budget_server.ledger.txn import ChainBatch, NeedsAsync
 from budget_server.ledger.writes import ConcurrentWrite
@@ -39,8 +40,6 @@ log = logging.getLogger("budgetd.actors")
 
 CONFLICT_RETRIES_MAX = 8
 INTEGRITY_RETRIES_MAX = 2
-
-BatchOutcome = tuple[list[OpResult | LedgerError], list[BudgetEvent]]
 
 # Sees every batch after it committed (events for watchers, logs, metrics).
 BatchObserver = Callable[[Sequence[Op], Sequence[OpResult | LedgerError | BaseException]], None]
@@ -59,6 +58,7 @@ class BudgetActor:
         publisher: EventPublisher | None = None,
         on_batch: BatchObserver | None = None,
         metrics: Metrics | None = None,
+        groups: PostgresGroups | None = None,
     ) -> None:
         self.budget_id = budget_id
         self.chain_ids = tuple(chain_ids)
@@ -68,6 +68,7 @@ class BudgetActor:
         self._publisher = publisher
         self._on_batch = on_batch
         self._metrics = metrics
+        self._groups = groups
         self._queue: collections.deque[Op] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -142,10 +143,14 @@ class BudgetActor:
             try:
                 if writer is not None:
                     try:
-                        return await writer.run(self._sync_job(batch, self._now_us()))
+                        return await writer.run(self._job(batch, self._now_us()))
                     except NeedsAsync:
                         pass  # alerts fired: record them (outbox) on the async path
                 elif self._db.raw_postgres:
+                    if self._groups is not None and _attempt == 0:
+                        job = self._job(batch, self._now_us())
+                        if (grouped := await self._groups.run(job)) is not None:
+                            return grouped
                     try:
                         return await self._transact_raw(batch)
                     except NeedsAsync:
@@ -181,16 +186,8 @@ class BudgetActor:
             await txn.flush_raw(conn)
         return results, txn.events
 
-    def _sync_job(self, batch: list[Op], now_us: int) -> Callable[[RawSqlite], BatchOutcome]:
-        """The batch as one plain function, run on the SQLite writer thread. It touches
-        only its own ChainBatch and the (immutable) ops, never their futures."""
-        chain_ids, publisher = self.chain_ids, self._publisher
-
-        def job(conn: RawSqlite) -> BatchOutcome:
-            txn = ChainBatch(chain_ids, now_us, False, publisher)
-            txn.load_sync(conn, batch)
-            results = [txn.apply(op) for op in batch]
-            txn.flush_sync(conn)
-            return results, txn.events
-
-        return job
+    def _job(self, batch: list[Op], now_us: int) -> BatchJob:
+        """The batch as a job for the SQLite writer thread or the PostgreSQL grouper,
+        which may run it in a group with other budgets' batches (`ledger.group`). It
+        touches only its own ChainBatch and the (immutable) ops, never their futures."""
+        return BatchJob(self.chain_ids, tuple(batch), now_us, self._publisher)

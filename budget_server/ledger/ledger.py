@@ -14,6 +14,7 @@ from budget_server.errors import NotFound
 from budget_server.events.bus import EventBus
 from budget_server.events.publisher import EventPublisher
 from budget_server.ledger.actors import BudgetActor
+from budget_server.ledger.group import GroupCounts, PostgresGroups, SqliteGroups
 from budget_server.ledger.model import (
     ChargeOp,
     CommitOp,
@@ -48,6 +49,13 @@ class Ledger:
         self.metrics = metrics or Metrics()
         self.publisher = EventPublisher(self.events, cross_process=not db.is_sqlite)
         self.outcomes = OutcomeReporter(self.events, clock, self.metrics)
+        # Batches of many budgets that wait at the same moment share a transaction.
+        self.groups: GroupCounts | None = None
+        self._pg_groups: PostgresGroups | None = None
+        if db.sqlite_writer is not None:
+            db.sqlite_writer.runner = self.groups = SqliteGroups()
+        elif db.raw_postgres:
+            self.groups = self._pg_groups = PostgresGroups(db.engine)
         self._actors: dict[str, BudgetActor] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
         # reservation id -> budget id, so Commit/Release skip a lookup for recent reservations
@@ -119,6 +127,7 @@ class Ledger:
                     self.publisher,
                     self.outcomes.observe,
                     self.metrics,
+                    self._pg_groups,
                 )
                 self._actors[budget_id] = actor
         actor.submit(op)

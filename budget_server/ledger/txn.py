@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -65,6 +65,11 @@ from budget_server.limits import AMOUNT_MAX, INT64_MAX
 
 # Operations on an existing reservation, which the batch loads before deciding.
 RESERVATION_OPS = (ExtendOp, CommitOp, ReleaseOp, ExpireOp, RecordUsageOp)
+
+
+def reservation_ids(ops: Sequence[Op]) -> list[str]:
+    """The existing reservations a batch works on, which it reads before deciding."""
+    return [op.reservation_id for op in ops if isinstance(op, RESERVATION_OPS)]
 
 
 class NeedsAsync(Exception):
@@ -194,20 +199,8 @@ class ChainBatch:
 
     def _load_steps(self, ops: Sequence[Op]) -> Steps[None]:
         query = SQL.SELECT_CHAIN_FOR_UPDATE if self.lock_rows else SQL.SELECT_CHAIN
-        rows = (yield query, {"ids": list(self.chain_ids)}).all()
-        if len(rows) != len(self.chain_ids):
-            missing = set(self.chain_ids) - {row.id for row in rows}
-            raise NotFound(f"budget {sorted(missing)[0]!r} does not exist")
-        self.chain = [BudgetState.from_row(row) for row in rows]
-        self.by_id = {b.id: b for b in self.chain}
-        roll_windows(self.chain, self.now_us, self.entries)
-
-        ids = [op.reservation_id for op in ops if isinstance(op, RESERVATION_OPS)]
-        keys = [
-            op.idempotency_key
-            for op in ops
-            if isinstance(op, ReserveOp | ChargeOp) and op.idempotency_key
-        ]
+        self.take_chain((yield query, {"ids": list(self.chain_ids)}).all())
+        ids, keys = reservation_ids(ops), self.idempotency_keys(ops)
         by_key = {"budget_id": self.chain_ids[-1], "keys": keys}
         found: Any = None
         if ids and keys:
@@ -217,20 +210,46 @@ class ChainBatch:
         elif keys:
             found = yield SQL.SELECT_RESERVATIONS_BY_KEY, by_key
         if found is not None:
-            for row in found.all():  # one row per hold (see statements._with_holds)
-                res = self.reservations.get(row.id)
-                if res is None:
-                    res = self._reservation_from_row(row)
-                    self._remember(res)
-                if row.hold_budget_id is not None:
-                    res.holds[row.hold_budget_id] = row.hold_held
-                    res.charges[row.hold_budget_id] = row.hold_charged
+            self.take_reservations(found.all())
+        if models := self.priced_models(ops):
+            self.prices = yield from price_steps(models)
 
-        if any(b.unit == "USD" for b in self.chain):
-            models = {getattr(op, "model", "") for op in ops} | {
-                r.model for r in self.reservations.values()
-            }
-            self.prices = yield from price_steps({m for m in models if m})
+    # The parts of loading, also used by `group.ChainGroup` to load many chains at once.
+
+    def take_chain(self, rows: Sequence[Any]) -> None:
+        """The chain's budget rows, root-first; a missing one means a deleted budget."""
+        if len(rows) != len(self.chain_ids):
+            missing = set(self.chain_ids) - {row.id for row in rows}
+            raise NotFound(f"budget {sorted(missing)[0]!r} does not exist")
+        self.chain = [BudgetState.from_row(row) for row in rows]
+        self.by_id = {b.id: b for b in self.chain}
+        roll_windows(self.chain, self.now_us, self.entries)
+
+    def idempotency_keys(self, ops: Sequence[Op]) -> list[str]:
+        return [
+            op.idempotency_key
+            for op in ops
+            if isinstance(op, ReserveOp | ChargeOp) and op.idempotency_key
+        ]
+
+    def take_reservations(self, rows: Sequence[Any]) -> None:
+        """Reservation rows joined with their holds: one row per hold."""
+        for row in rows:
+            res = self.reservations.get(row.id)
+            if res is None:
+                res = self._reservation_from_row(row)
+                self._remember(res)
+            if row.hold_budget_id is not None:
+                res.holds[row.hold_budget_id] = row.hold_held
+                res.charges[row.hold_budget_id] = row.hold_charged
+
+    def priced_models(self, ops: Sequence[Op]) -> set[str]:
+        """The models whose prices the batch needs: none unless a budget counts USD."""
+        if not any(b.unit == "USD" for b in self.chain):
+            return set()
+        models = {getattr(op, "model", "") for op in ops}
+        models |= {r.model for r in self.reservations.values()}
+        return {m for m in models if m}
 
     @staticmethod
     def _reservation_from_row(row: Any) -> ReservationState:
@@ -484,17 +503,21 @@ class ChainBatch:
             if budget.frozen:
                 raise BudgetFrozen(budget.id)
             raise BudgetExhausted(budget.id, extra(low)[refusing], budget.available, budget.unit)
+        if low < high and self._fits(extra, high):
+            return high  # the common case, away from the limit: one pricing, no search
         while low < high:
             middle = (low + high + 1) // 2
-            try:
-                fits = self._affordable(extra(middle)) is None
-            except InvalidArgument:  # beyond AMOUNT_MAX: certainly more than any budget has
-                fits = False
-            if fits:
+            if self._fits(extra, middle):
                 low = middle
             else:
                 high = middle - 1
         return low
+
+    def _fits(self, extra: Callable[[int], dict[str, int]], output: int) -> bool:
+        try:
+            return self._affordable(extra(output)) is None
+        except InvalidArgument:  # beyond AMOUNT_MAX: certainly more than any budget has
+            return False
 
     def _grow_grant(self, res: ReservationState, target: Usage, floor: int) -> dict[str, int]:
         """Extra amounts per budget to grow a meter grant towards `target`; updates res.grant."""
@@ -622,7 +645,7 @@ class ChainBatch:
 
     # ------------------------------------------------------------------ writing
 
-    def _fire_alerts(self) -> None:
+    def fire_due_alerts(self) -> None:
         for budget in self.chain:
             if (
                 budget.spent != budget.read_figures[0]
@@ -631,7 +654,7 @@ class ChainBatch:
                 self.events.extend(fire_alerts(budget, self.now_us))
 
     async def flush(self, conn: AsyncConnection) -> None:
-        self._fire_alerts()
+        self.fire_due_alerts()
         await run_async(conn, self._flush_steps(conn.dialect))
         if self.events and self.publisher is not None:
             await self.publisher.in_transaction(conn, self.events, self.now_us)
@@ -640,7 +663,7 @@ class ChainBatch:
         """Write back on PostgreSQL's raw asyncpg path, in one statement (`pg_writes`);
         raises NeedsAsync, before writing, if the batch fired alerts (their rows, outbox
         and pg_notify are written on the SQLAlchemy path)."""
-        self._fire_alerts()
+        self.fire_due_alerts()
         if self.events:
             raise NeedsAsync()
         await write_all_postgres(conn, write_set(self))
@@ -648,7 +671,7 @@ class ChainBatch:
     def flush_sync(self, conn: SyncConnection) -> None:
         """Write back on a sync connection; raises NeedsAsync, before writing, if the batch
         fired alerts that a publisher must record (its outbox code is async)."""
-        self._fire_alerts()
+        self.fire_due_alerts()
         if self.events and self.publisher is not None:
             raise NeedsAsync()
         run_sync(conn, self._flush_steps(conn.dialect))

@@ -10,7 +10,8 @@ Keeping the rows in one place keeps both ways writing exactly the same thing.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Dialect
@@ -158,12 +159,28 @@ def write_set(txn: ChainBatch) -> WriteSet:
     return writes
 
 
+def merged(sets: Sequence[WriteSet]) -> WriteSet:
+    """The writes of several batches (of chains that share no budget) as one set."""
+    whole = WriteSet()
+    for writes in sets:
+        for part in fields(WriteSet):
+            getattr(whole, part.name).extend(getattr(writes, part.name))
+    return whole
+
+
 def write_steps(writes: WriteSet, dialect: Dialect) -> Steps[None]:
     """Everything but alerts and ledger entries, as prebuilt statements (one per table)."""
-    for row in writes.budgets:
-        result = yield SQL.UPDATE_BUDGET_FIGURES, row
-        if result.rowcount != 1:
-            raise ConcurrentWrite(row["b_id"])
+    if len(writes.budgets) > 1 and dialect.supports_sane_multi_rowcount:
+        # A group of batches (`group.ChainGroup`): each row names a different budget and
+        # matches at most one row, so the sum says whether every compare-and-set held.
+        result = yield SQL.UPDATE_BUDGET_FIGURES, writes.budgets
+        if result.rowcount != len(writes.budgets):
+            raise ConcurrentWrite("budgets")
+    else:
+        for row in writes.budgets:
+            result = yield SQL.UPDATE_BUDGET_FIGURES, row
+            if result.rowcount != 1:
+                raise ConcurrentWrite(row["b_id"])
     if writes.new_reservations:
         yield SQL.INSERT_RESERVATIONS, writes.new_reservations
         yield SQL.INSERT_HOLDS, writes.new_holds
