@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from budget_client import BudgetClient, Meter, wrap_openai
+from budget_client._meter import STREAM_FINISH_WAIT_S
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_client.testing import FakeOpenAIServer, RequestRecord
 from budget_server.clock import ManualClock
@@ -47,9 +48,14 @@ pytestmark = pytest.mark.slow
 
 BUDGET_TOKENS = 10_000_000  # large: these tests are about losing nothing, not about limits
 RATE = 300.0  # tokens per second, a fast provider
-LONG_TOKENS = 4_000  # about 13 s at RATE: room for two crash-restart cycles
+LONG_TOKENS = 6_000  # 20 s at RATE: room for two crash-restart cycles on a slow machine
 SHORT_TOKENS = 1_000  # ends while budgetd is down: finish() must wait for it to come back
 DOWN_S = 1.0  # how long budgetd stays dead before the restart
+# ... in the cycle where the short streams end. Ending while budgetd is dead, a stream's
+# finish() waits up to STREAM_FINISH_WAIT_S for its meter stream before it commits by unary
+# call; budgetd must still be dead by then, or the meter resumes and finishes on the stream
+# (budgetd's restart alone took 1.4-3.3 s here: after DOWN_S, too soon or not by turns).
+SHORT_END_DOWN_S = STREAM_FINISH_WAIT_S + 1.0
 
 # A broken stream resumes by waiting for the channel to reconnect, and the channel retries
 # at least once a second (max reconnect backoff 1 s, +20 % jitter): we measured 0.1-1.1 s
@@ -186,7 +192,10 @@ async def test_kill_9_and_restart_on_the_same_port_streams_resume(
                 meters = [o.meter for o in outcomes]
                 # Cycle 1 when the short streams have ~0.4 s left: they end while budgetd is
                 # dead. Cycle 2 half-way through the long ones.
-                for sent in (SHORT_TOKENS - 120, LONG_TOKENS // 2):
+                for sent, down_s in (
+                    (SHORT_TOKENS - 120, SHORT_END_DOWN_S),
+                    (LONG_TOKENS // 2, DOWN_S),
+                ):
                     await wait_until(
                         lambda sent=sent: (
                             _sent_at_least(fake, len(lengths), sent, LONG_TOKENS)
@@ -198,7 +207,7 @@ async def test_kill_9_and_restart_on_the_same_port_streams_resume(
                     before = [m.resumes for m in live]
                     await _kill(server)
                     killed = time.monotonic()
-                    await asyncio.sleep(DOWN_S)
+                    await asyncio.sleep(down_s)
                     server = await start_server_process(db_url, port=port)
                     restarted = time.monotonic()
                     # Every stream still running resumes on the new process; those that
