@@ -41,7 +41,7 @@ from budget_server.ledger import statements as SQL
 from budget_server.ledger.model import Op, OpResult
 from budget_server.ledger.pg_writes import write_all_postgres
 from budget_server.ledger.steps import Steps, price_steps, run_async, run_sync
-from budget_server.ledger.txn import ChainBatch, NeedsAsync, reservation_ids
+from budget_server.ledger.txn import ChainBatch, NeedsAsync, idempotency_keys, reservation_ids
 from budget_server.ledger.writes import merged, write_set, write_steps
 from budget_server.limits import GROUP_BATCHES_MAX, GROUPS_IN_FLIGHT_MAX
 
@@ -125,7 +125,7 @@ class ChainGroup:
                     txn.take_reservations(found.get(reservation_id, []))
         for job, txn in zip(self.jobs, self.batches, strict=True):
             # Idempotency keys are looked up per budget; meter streams rarely carry them.
-            if keys := txn.idempotency_keys(job.ops):
+            if keys := idempotency_keys(job.ops):
                 by_key = {"budget_id": job.chain_ids[-1], "keys": keys}
                 txn.take_reservations((yield SQL.SELECT_RESERVATIONS_BY_KEY, by_key).all())
 

@@ -72,6 +72,15 @@ def reservation_ids(ops: Sequence[Op]) -> list[str]:
     return [op.reservation_id for op in ops if isinstance(op, RESERVATION_OPS)]
 
 
+def idempotency_keys(ops: Sequence[Op]) -> list[str]:
+    """The keys of a batch's new reservations, looked up in case they were made before."""
+    return [
+        op.idempotency_key
+        for op in ops
+        if isinstance(op, ReserveOp | ChargeOp) and op.idempotency_key
+    ]
+
+
 class NeedsAsync(Exception):
     """The batch fired alerts, whose outbox and notifications are written by SQLAlchemy
     async code: the sync (SQLite writer thread) or raw asyncpg (PostgreSQL) attempt is
@@ -200,7 +209,7 @@ class ChainBatch:
     def _load_steps(self, ops: Sequence[Op]) -> Steps[None]:
         query = SQL.SELECT_CHAIN_FOR_UPDATE if self.lock_rows else SQL.SELECT_CHAIN
         self.take_chain((yield query, {"ids": list(self.chain_ids)}).all())
-        ids, keys = reservation_ids(ops), self.idempotency_keys(ops)
+        ids, keys = reservation_ids(ops), idempotency_keys(ops)
         by_key = {"budget_id": self.chain_ids[-1], "keys": keys}
         found: Any = None
         if ids and keys:
@@ -224,13 +233,6 @@ class ChainBatch:
         self.chain = [BudgetState.from_row(row) for row in rows]
         self.by_id = {b.id: b for b in self.chain}
         roll_windows(self.chain, self.now_us, self.entries)
-
-    def idempotency_keys(self, ops: Sequence[Op]) -> list[str]:
-        return [
-            op.idempotency_key
-            for op in ops
-            if isinstance(op, ReserveOp | ChargeOp) and op.idempotency_key
-        ]
 
     def take_reservations(self, rows: Sequence[Any]) -> None:
         """Reservation rows joined with their holds: one row per hold."""
