@@ -15,10 +15,10 @@ import argparse
 import asyncio
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-import asyncpg
-
+from bench import procs
 from bench.common import run
 from budget_server.clock import SystemClock
 from budget_server.db.engine import open_database
@@ -27,21 +27,6 @@ from budget_server.ledger.admin import BudgetSpec, create_budget
 from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.model import CommitOp, ReserveOp
 from budget_server.ledger.usage import Usage
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-PG_DATABASE = "budgetd_bench_groups"
-
-
-async def _database_url(backend: str, tmp: str) -> str:
-    if backend == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp}/ledger.db"
-    admin = await asyncpg.connect(PG_ADMIN)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {PG_DATABASE}")
-        await admin.execute(f"CREATE DATABASE {PG_DATABASE}")
-    finally:
-        await admin.close()
-    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{PG_DATABASE}"
 
 
 async def _requests_per_s(
@@ -86,35 +71,42 @@ async def _requests_per_s(
 
 async def measure(backend: str, budgets: int, callers: int, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="budgetd-groups-") as tmp:
-        db = open_database(await _database_url(backend, tmp))
-        try:
-            await upgrade_to_head(db)
-            clock = SystemClock()
-            many = [f"many-{i}" for i in range(budgets)]
-            for budget_id in [*many, "hot"]:
-                spec = BudgetSpec(budget_id, None, "TOKENS", 2**50, "NONE", "UTC", "HARD", ())
-                await create_budget(db, spec, clock.now_us())
-            ledger = Ledger(db, clock)
-            for budget_id in [*many, "hot"]:
-                await ledger.chain_of(budget_id)  # cached, as in a warm server
-            figures: dict[str, Any] = {"backend": backend}
-            for shape, ids in (("many", many), ("hot", ["hot"])):
-                rate, cpu_us = await _requests_per_s(ledger, ids, callers, seconds)
-                figures[shape] = {
-                    "requests_per_s": round(rate),
-                    "cpu_us_per_request": round(cpu_us),
-                }
-            assert ledger.groups is not None
-            figures["grouped_batches_per_group"] = round(
-                ledger.groups.batches / max(ledger.groups.groups, 1), 1
-            )
-            figures["groups_gave_up"] = ledger.groups.gave_up
-            figures["many_share_of_hot"] = round(
-                figures["many"]["requests_per_s"] / figures["hot"]["requests_per_s"], 2
-            )
-            return figures
-        finally:
-            await db.close()
+        async with procs.fresh_database(backend, Path(tmp), "ledger-groups") as url:
+            return await _measure_on(url, backend, budgets, callers, seconds)
+
+
+async def _measure_on(
+    url: str, backend: str, budgets: int, callers: int, seconds: float
+) -> dict[str, Any]:
+    db = open_database(url)
+    try:
+        await upgrade_to_head(db)
+        clock = SystemClock()
+        many = [f"many-{i}" for i in range(budgets)]
+        for budget_id in [*many, "hot"]:
+            spec = BudgetSpec(budget_id, None, "TOKENS", 2**50, "NONE", "UTC", "HARD", ())
+            await create_budget(db, spec, clock.now_us())
+        ledger = Ledger(db, clock)
+        for budget_id in [*many, "hot"]:
+            await ledger.chain_of(budget_id)  # cached, as in a warm server
+        figures: dict[str, Any] = {"backend": backend}
+        for shape, ids in (("many", many), ("hot", ["hot"])):
+            rate, cpu_us = await _requests_per_s(ledger, ids, callers, seconds)
+            figures[shape] = {
+                "requests_per_s": round(rate),
+                "cpu_us_per_request": round(cpu_us),
+            }
+        assert ledger.groups is not None
+        figures["grouped_batches_per_group"] = round(
+            ledger.groups.batches / max(ledger.groups.groups, 1), 1
+        )
+        figures["groups_gave_up"] = ledger.groups.gave_up
+        figures["many_share_of_hot"] = round(
+            figures["many"]["requests_per_s"] / figures["hot"]["requests_per_s"], 2
+        )
+        return figures
+    finally:
+        await db.close()
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -149,10 +149,7 @@ class ChainGroup:
     def run_sync(self, conn: RawSqlite) -> list[BatchOutcome]:
         run_sync(conn, self._load_steps())
         outcomes = self._decide()
-        writes = merged([write_set(txn) for txn in self.batches])
-        run_sync(conn, write_steps(writes, conn.dialect))
-        if writes.entries:
-            conn.execute(SQL.INSERT_ENTRIES, writes.entries)
+        run_sync(conn, write_steps(merged([write_set(t) for t in self.batches]), conn.dialect))
         return outcomes
 
     async def run_raw(self, conn: RawPg) -> list[BatchOutcome]:

@@ -679,12 +679,9 @@ class ChainBatch:
         run_sync(conn, self._flush_steps(conn.dialect))
 
     def _flush_steps(self, dialect: Dialect) -> Steps[None]:
-        writes = write_set(self)
-        yield from write_steps(writes, dialect)
+        yield from write_steps(write_set(self), dialect)
         if self.events:
             yield self._alert_rows()
-        if writes.entries:
-            yield SQL.INSERT_ENTRIES, writes.entries
 
     def _alert_rows(self) -> tuple[Any, list[dict[str, Any]]]:
         return (

@@ -169,7 +169,7 @@ def merged(sets: Sequence[WriteSet]) -> WriteSet:
 
 
 def write_steps(writes: WriteSet, dialect: Dialect) -> Steps[None]:
-    """Everything but alerts and ledger entries, as prebuilt statements (one per table)."""
+    """Every row, as prebuilt statements (one per table); alerts are the caller's."""
     if len(writes.budgets) > 1 and dialect.supports_sane_multi_rowcount:
         # A group of batches (`group.ChainGroup`): each row names a different budget and
         # matches at most one row, so the sum says whether every compare-and-set held.
@@ -192,3 +192,5 @@ def write_steps(writes: WriteSet, dialect: Dialect) -> Steps[None]:
             raise ConcurrentWrite("reservations")
     if writes.holds:
         yield SQL.UPDATE_HOLDS, writes.holds
+    if writes.entries:
+        yield SQL.INSERT_ENTRIES, writes.entries
