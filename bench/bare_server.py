@@ -19,7 +19,9 @@ Naive (`--naive-db`): open reserves and finish commits through `NaiveLedger`, on
 transaction each, the way an obvious implementation would; usage stays in memory.
 
 AdminService.CreateBudget is answered too (a no-op when bare), so the benchmark creates its
-budgets the same way on every kind of server.
+budgets the same way on every kind of server; and BudgetService.Commit, a no-op on either,
+which a client falls back to when `committed` does not come within its wait on a loaded
+machine, so that the client path ends the same way against both servers.
 """
 
 from __future__ import annotations
@@ -115,6 +117,18 @@ class BareMeter:
                 )
                 return
 
+    async def commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
+        """Answers without touching the naive ledger: only the client's fallback calls it, and
+        the naive measure drives raw Meter streams, never the client."""
+        charged = request.usage.input_tokens + request.usage.output_tokens or request.amount
+        reservation = pb.Reservation(
+            id=request.reservation_id,
+            state=pb.RESERVATION_STATE_COMMITTED,
+            usage=request.usage,
+            charged=charged,
+        )
+        return pb.CommitResponse(reservation=reservation, charged=charged)
+
     async def create_budget(
         self, request: pb.CreateBudgetRequest, context: Context
     ) -> pb.CreateBudgetResponse:
@@ -142,10 +156,15 @@ async def serve(listen: str, naive_db: str | None) -> None:
         request_deserializer=pb.CreateBudgetRequest.FromString,
         response_serializer=pb.CreateBudgetResponse.SerializeToString,
     )
+    commit_handler = grpc.unary_unary_rpc_method_handler(
+        bare.commit,
+        request_deserializer=pb.CommitRequest.FromString,
+        response_serializer=pb.CommitResponse.SerializeToString,
+    )
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
-                "budgetd.v1.BudgetService", {"Meter": meter_handler}
+                "budgetd.v1.BudgetService", {"Meter": meter_handler, "Commit": commit_handler}
             ),
             grpc.method_handlers_generic_handler(
                 "budgetd.v1.AdminService", {"CreateBudget": create_handler}

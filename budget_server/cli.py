@@ -14,6 +14,7 @@ from budget_server import __version__
 from budget_server.app import BudgetServer
 from budget_server.config import ServerConfig
 from budget_server.errors import LedgerError
+from budget_server.gc_tuning import tune_for_serving
 from budget_server.logs import configure_logging
 
 log = logging.getLogger("budgetd")
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(config: ServerConfig) -> int:
     server = BudgetServer(config)
     await server.start()
+    tune_for_serving()
     lines = [
         f"budgetd {__version__} listening on {server.address}",
         f"  database  {server.db.url_for_display if server.db else '?'}",
