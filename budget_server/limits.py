@@ -22,9 +22,12 @@ PAGE_SIZE_DEFAULT: Final = 100
 PAGE_SIZE_MAX: Final = 1000
 BATCH_OPS_MAX: Final = 256  # operations one actor applies in one SQL transaction
 # Batches of many budgets run together on PostgreSQL (`ledger.group`): this many at most
-# in one transaction, and this many such transactions at once per process.
+# in one transaction, and this many such transactions at once per process. One at a time
+# let the batches arriving meanwhile form the next, larger group, where several in flight
+# split them into small groups and batches run alone: measure 2 on 1,000 budgets, 3
+# paired runs, 1 in flight did 1.3x the requests/s of 4, 2 did 1.27x, 8 did 0.92x.
 GROUP_BATCHES_MAX: Final = 128
-GROUPS_IN_FLIGHT_MAX: Final = 4
+GROUPS_IN_FLIGHT_MAX: Final = 1
 ACTOR_QUEUE_MAX: Final = 10_000  # operations waiting on one budget before callers are refused
 ACTOR_IDLE_S: Final = 30.0  # an idle actor exits so memory follows active budgets only
 SWEEP_BATCH_MAX: Final = 500

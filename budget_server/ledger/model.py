@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,8 +77,15 @@ class BudgetState:
         return state
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_thresholds(text: str) -> tuple[int, ...]:
+    """Cached: every batch reads its budgets' rows, and budgets share a few settings."""
     return tuple(int(part) for part in text.split(",") if part)
+
+
+def labels_json(labels: Mapping[str, str]) -> str:
+    """Labels as stored; most operations have none, and dumping `{}` costs a JSON encoder."""
+    return json.dumps(labels, sort_keys=True) if labels else "{}"
 
 
 def format_thresholds(thresholds_pct: tuple[int, ...] | list[int]) -> str:

@@ -9,7 +9,6 @@ Keeping the rows in one place keeps both ways writing exactly the same thing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from sqlalchemy.engine import Dialect
 
 from budget_server.errors import ledger_assert
 from budget_server.ledger import statements as SQL
+from budget_server.ledger.model import labels_json
 from budget_server.ledger.steps import Steps
 from budget_server.ledger.usage import Usage
 
@@ -84,7 +84,7 @@ def write_set(txn: ChainBatch) -> WriteSet:
             "state": r.state,
             "idempotency_key": r.idempotency_key,
             "model": r.model,
-            "labels": json.dumps(r.labels, sort_keys=True),
+            "labels": labels_json(r.labels),
             **usage_columns(r.usage),
             "grant_input_tokens": r.grant.input_tokens,
             "grant_output_tokens": r.grant.output_tokens,
