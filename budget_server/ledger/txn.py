@@ -95,11 +95,11 @@ def new_reservation_id() -> str:
 
     Time first, so that new ids land at the right edge of every index keyed on them (the
     reservations' primary key, the holds', the ledger entries' reservation index) instead
-    of on a random page each: a transaction of 128 reservations dirtied ~128 leaf pages
-    per index with fully random ids, a handful with these (the reason for UUIDv7). Metered
-    requests/s through gRPC on SQLite went up 6-10 % in 4 paired runs (bench.run, measure
-    2), more as the tables grow. The random part keeps ids unguessable and unique across
-    processes; nothing may read meaning into an id beyond that."""
+    of on a random page each: with fully random ids a transaction of 128 reservations
+    could dirty as many leaf pages per index, with these a handful (as UUIDv7). Metered
+    requests/s through gRPC on SQLite, 4 paired runs of measure 2 on one growing file: no
+    gain in the first, on near-empty tables, then +3-11 %. The random part keeps ids
+    unguessable and unique across processes; nothing may read meaning into an id."""
     return "r_" + format(time.time_ns() // 1000, "013x") + os.urandom(10).hex()
 
 
