@@ -42,14 +42,14 @@ class BudgetService(pb_grpc.BudgetServiceServicer):
         self.ledger = ledger
         self._meter = meter
 
-    async def Meter(
+    async def Meter(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[pb.MeterRequest | MalformedRequest],
         context: Context,
-    ) -> AsyncIterator[pb.MeterEvent]:
-        # grpc.aio recognises a streaming handler by it being an async generator function.
-        async for event in self._meter.serve(request_iterator, context):
-            yield event
+    ) -> None:
+        """A coroutine, so grpc.aio serves it with the reader-writer API: MeterStreams
+        reads with `context.read` and writes with `context.write`."""
+        await self._meter.serve(context)
 
     @unary
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:

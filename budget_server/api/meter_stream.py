@@ -1,11 +1,15 @@
 """BudgetService.Meter: a bidirectional stream per LLM response.
 
-The handler reads the client's messages (open, cumulative usage, finish) and feeds the
-session; what the session has to say goes through its Outbox, which writes it at once with
-`context.write` from a short-lived task. So an abort is written the moment the session
-decides it (from a usage message, an extension that ended, or a freeze on the bus), not
-when the next client message happens to arrive, and an idle open stream holds no task, no
-queue and no timer: heartbeats come from one loop for the whole process (Heartbeat).
+The handler reads the client's messages (open, cumulative usage, finish) with
+`context.read` and feeds the session; what the session has to say goes through its Outbox,
+which writes it at once with `context.write` from a short-lived task. The handler is a
+plain coroutine (grpc.aio's reader-writer API), not a generator: every message used to
+pass through four generators (grpc's request iterator, the auth guard's check of the open
+message, the servicer and this handler), each resumed per message. An abort is written
+the moment the session decides it (from a usage message, an extension that ended, or a
+freeze on the bus), not when the next client message happens to arrive, and an idle open
+stream holds no task, no queue and no timer: heartbeats come from one loop for the whole
+process (Heartbeat).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -22,7 +25,7 @@ from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.api.convert import usage_from_pb
 from budget_server.api.handlers import MalformedRequest
 from budget_server.api.status import abort
-from budget_server.auth.guard import current_key_id
+from budget_server.auth.guard import current_key_id, current_open_check
 from budget_server.errors import InvalidArgument, LedgerError
 from budget_server.ledger.ledger import Ledger
 from budget_server.meter.heartbeat import Heartbeat
@@ -52,11 +55,7 @@ class MeterStreams:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_closed.wait(), timeout_s)
 
-    async def serve(
-        self,
-        requests: AsyncIterator[pb.MeterRequest | MalformedRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[pb.MeterEvent]:
+    async def serve(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         key_id = current_key_id.get()
         try:
             self.registry.admit(key_id)
@@ -67,7 +66,7 @@ class MeterStreams:
         outbox = Outbox(context)
         session = MeterSession(self._ledger, self._policy, outbox.put)
         try:
-            failure = await self._read(requests, session, outbox)
+            failure = await self._read(context, session, outbox)
             await outbox.drained()  # everything said before the status goes out
             if failure is not None:
                 await abort(context, failure)
@@ -81,11 +80,6 @@ class MeterStreams:
             closing = asyncio.ensure_future(session.close())
             closing.add_done_callback(self._one_closed)
             await asyncio.shield(closing)
-        # Events are written by the Outbox, never yielded; grpc.aio (and the auth guard)
-        # recognise a streaming handler by it being an async generator, hence this one.
-        never: tuple[pb.MeterEvent, ...] = ()
-        for event in never:
-            yield event
 
     def _one_closed(self, _closing: asyncio.Future[None]) -> None:
         self._serving -= 1
@@ -93,21 +87,23 @@ class MeterStreams:
             self._all_closed.set()
 
     async def _read(
-        self,
-        requests: AsyncIterator[pb.MeterRequest | MalformedRequest],
-        session: MeterSession,
-        outbox: Outbox,
+        self, context: grpc.aio.ServicerContext[Any, Any], session: MeterSession, outbox: Outbox
     ) -> LedgerError | None:
         """Feed the client's messages to the session until it finishes or the stream ends;
         the error to end the call with, if any."""
         try:
-            async for request in requests:
+            while True:
+                request = await context.read()
+                if not isinstance(request, pb.MeterRequest | MalformedRequest):
+                    break  # grpc.aio.EOF: the client closed its side
                 if isinstance(request, MalformedRequest):
                     raise InvalidArgument(request.message)
                 kind = request.WhichOneof("msg")
                 if session.state == "unopened":
                     if kind != "open":
                         raise InvalidArgument("the first message of a meter stream must be open")
+                    if (check_scope := current_open_check.get()) is not None:
+                        await check_scope(request.open)
                     opened = await session.open(request.open)
                     self.registry.add(session)
                     self.heartbeat.add(session)

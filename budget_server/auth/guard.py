@@ -9,7 +9,8 @@ on its `open` message, before anything is reserved.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,15 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 # The caller of the Meter stream being served, for per-key stream limits.
 current_key_id: contextvars.ContextVar[str] = contextvars.ContextVar("budgetd_key_id", default="")
+
+# What a Meter stream's open message must pass: the caller's charge scope on its budget.
+# The meter handler reads its messages itself (`context.read`), so the guard hands it the
+# check rather than wrapping the request stream: a wrapper was one more generator for
+# every usage message to pass through.
+OpenCheck = Callable[[pb.MeterOpen], Awaitable[None]]
+current_open_check: contextvars.ContextVar[OpenCheck | None] = contextvars.ContextVar(
+    "budgetd_open_check", default=None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,31 +161,21 @@ class Guard:
         return guarded
 
     def _wrap_meter(self, handler: Handler, rule: Rule) -> Handler:
-        async def guarded(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        async def guarded(requests: AsyncIterator[Any], context: Context) -> None:
             try:
                 principal = await self.principal(context)
             except LedgerError as error:
                 await abort(context, error)
             if principal is not None:
                 current_key_id.set(principal.key_id)
-            async for item in handler(self._checked_open(requests, principal, rule), context):
-                yield item
+                current_open_check.set(functools.partial(self._check_open, principal, rule))
+            await handler(requests, context)
 
         return guarded
 
-    async def _checked_open(
-        self, requests: AsyncIterator[Any], principal: Principal | None, rule: Rule
-    ) -> AsyncIterator[Any]:
-        """Pass the stream through, checking the charge scope on its open message."""
-        async for request in requests:
-            if (
-                principal is not None
-                and isinstance(request, pb.MeterRequest)
-                and request.WhichOneof("msg") == "open"
-            ):
-                opening = request.open
-                budget_id = opening.budget_id
-                if opening.resume_reservation_id:
-                    budget_id = await self._budget_of_reservation(opening.resume_reservation_id)
-                self.check_budget(principal, rule.action, budget_id)
-            yield request
+    async def _check_open(self, principal: Principal, rule: Rule, opening: pb.MeterOpen) -> None:
+        """The charge scope on the budget a stream opens on, or resumes on."""
+        budget_id = opening.budget_id
+        if opening.resume_reservation_id:
+            budget_id = await self._budget_of_reservation(opening.resume_reservation_id)
+        self.check_budget(principal, rule.action, budget_id)
