@@ -20,6 +20,7 @@ TTL_MIN_MS: Final = 1_000
 TTL_MAX_MS: Final = 24 * 60 * 60 * 1000
 PAGE_SIZE_DEFAULT: Final = 100
 PAGE_SIZE_MAX: Final = 1000
+CHAIN_DEPTH_MAX: Final = 16  # levels budgets may nest
 BATCH_OPS_MAX: Final = 256  # operations one actor applies in one SQL transaction
 # Batches of many budgets run together on PostgreSQL (`ledger.group`): this many at most
 # in one transaction, and this many such transactions at once per process. One at a time

@@ -32,13 +32,12 @@ from budget_server.ledger.txn import budget_view
 from budget_server.ledger.usage import UNITS
 from budget_server.ledger.windows import PERIODS, window_bounds, zone
 from budget_server.limits import (
+    CHAIN_DEPTH_MAX,
     DEFAULT_THRESHOLDS_PCT,
     PAGE_SIZE_DEFAULT,
     PAGE_SIZE_MAX,
     THRESHOLDS_MAX,
 )
-
-CHAIN_DEPTH_MAX = 16
 
 
 @dataclass(frozen=True, slots=True)

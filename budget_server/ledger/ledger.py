@@ -9,11 +9,12 @@ from sqlalchemy import select
 
 from budget_server.clock import Clock
 from budget_server.db.engine import Database
-from budget_server.db.schema import budgets, reservations
+from budget_server.db.schema import reservations
 from budget_server.errors import NotFound
 from budget_server.events.bus import EventBus
 from budget_server.events.publisher import EventPublisher
 from budget_server.ledger.actors import BudgetActor
+from budget_server.ledger.chains import ChainCache
 from budget_server.ledger.group import GroupCounts, PostgresGroups, SqliteGroups
 from budget_server.ledger.model import (
     ChargeOp,
@@ -30,7 +31,6 @@ from budget_server.ledger.outcomes import OutcomeReporter
 from budget_server.metrics import Metrics
 
 RESERVATION_CACHE_MAX = 100_000
-CHAIN_DEPTH_MAX = 16
 
 
 class Ledger:
@@ -57,41 +57,18 @@ class Ledger:
         elif db.raw_postgres:
             self.groups = self._pg_groups = PostgresGroups(db.engine)
         self._actors: dict[str, BudgetActor] = {}
-        self._chains: dict[str, tuple[str, ...]] = {}
+        self._chains = ChainCache(db)
         # reservation id -> budget id, so Commit/Release skip a lookup for recent reservations
         self._owners: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ routing
 
     async def chain_of(self, budget_id: str) -> tuple[str, ...]:
-        """The budget and its ancestors, root-first (parents never change, so it is cached)."""
-        if (chain := self._chains.get(budget_id)) is not None:
-            return chain
-        ids: list[str] = []
-        current: str | None = budget_id
-        async with self.db.read() as conn:
-            while current is not None:
-                row = (
-                    await conn.execute(
-                        select(budgets.c.parent_id).where(
-                            budgets.c.id == current, budgets.c.deleted_at_us == 0
-                        )
-                    )
-                ).first()
-                if row is None:
-                    raise NotFound(f"budget {current!r} does not exist")
-                ids.append(current)
-                current = row.parent_id
-                if len(ids) > CHAIN_DEPTH_MAX:
-                    raise NotFound(
-                        f"budget {budget_id!r} has a parent chain over {CHAIN_DEPTH_MAX}"
-                    )
-        chain = tuple(reversed(ids))
-        self._chains[budget_id] = chain
-        return chain
+        """The budget and its ancestors, root-first (`chains.ChainCache`)."""
+        return await self._chains.chain_of(budget_id)
 
     def forget_budget(self, budget_id: str) -> None:
-        self._chains = {k: v for k, v in self._chains.items() if budget_id not in v}
+        self._chains.forget(budget_id)
 
     async def owner_of(self, reservation_id: str) -> str:
         if (owner := self._owners.get(reservation_id)) is not None:
