@@ -9,8 +9,7 @@ together: one query per level of the hierarchy for all of them.
 Measured with 256 metered streams spread over 1,000 budgets (measure 2 of bench.run) on a
 fresh SQLite server: the first 6 s used to run at 631 requests/s against 883-892 once
 warm, the GIL held 60 % of the time against 74 % (py-spy --gil): the event loop was
-waiting on the pool. Read together: 905 from
-the start.
+waiting on the pool. Read together: 905 from the start.
 """
 
 from __future__ import annotations
