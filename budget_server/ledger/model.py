@@ -88,6 +88,12 @@ def labels_json(labels: Mapping[str, str]) -> str:
     return json.dumps(labels, sort_keys=True) if labels else "{}"
 
 
+def labels_from_json(text: str) -> dict[str, str]:
+    """Stored labels; most are `{}`, which needs no JSON decoder."""
+    labels: dict[str, str] = json.loads(text) if text != "{}" else {}
+    return labels
+
+
 def format_thresholds(thresholds_pct: tuple[int, ...] | list[int]) -> str:
     return ",".join(str(t) for t in thresholds_pct)
 

@@ -10,7 +10,6 @@ root-first then by id, the order that cannot deadlock.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from budget_server.ledger.model import (
     ReservationState,
     ReservationView,
     ReserveOp,
+    labels_from_json,
     labels_json,
 )
 from budget_server.ledger.pg_writes import write_all_postgres
@@ -272,7 +272,7 @@ class ChainBatch:
             state=row.state,
             idempotency_key=row.idempotency_key,
             model=row.model,
-            labels=json.loads(row.labels),
+            labels=labels_from_json(row.labels),
             usage=_usage_of(row),
             grant=Usage(input_tokens=row.grant_input_tokens, output_tokens=row.grant_output_tokens),
             charged=row.charged,
@@ -385,7 +385,7 @@ class ChainBatch:
         if op.output_range is not None and op.estimate is not None:
             low, high = op.output_range
             output = self._largest_affordable_output(op.estimate, low, high, {}, op.model)
-            grant = replace(op.estimate, output_tokens=output, reasoning_tokens=0)
+            grant = op.estimate.with_output(output)
             amounts = self._amounts(0, grant, op.model, "reservation")
         else:
             amounts = self._amounts(op.amount, op.estimate, op.model, "reservation")
@@ -507,7 +507,7 @@ class ChainBatch:
         """
 
         def extra(output: int) -> dict[str, int]:
-            usage = replace(shape, output_tokens=output, reasoning_tokens=0)
+            usage = shape.with_output(output)
             needed = self._amounts(0, usage, model, "grant")
             return {b: needed[b] - holds.get(b, 0) for b in needed}
 
