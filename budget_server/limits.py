@@ -30,7 +30,6 @@ BATCH_OPS_MAX: Final = 256  # operations one actor applies in one SQL transactio
 GROUP_BATCHES_MAX: Final = 128
 GROUPS_IN_FLIGHT_MAX: Final = 1
 ACTOR_QUEUE_MAX: Final = 10_000  # operations waiting on one budget before callers are refused
-ACTOR_IDLE_S: Final = 30.0  # an idle actor exits so memory follows active budgets only
 SWEEP_BATCH_MAX: Final = 500
 # HTTP/2 MAX_CONCURRENT_STREAMS: what one connection may have open at once. Unbounded, a
 # flood of streams on one connection (rapid reset, CVE-2023-44487; answers never read;
