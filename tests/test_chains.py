@@ -5,39 +5,23 @@ of the hierarchy, and the answers are the same as one budget at a time would giv
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import pytest
-from sqlalchemy import event
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.app import BudgetServer
 from budget_server.errors import NotFound
 from budget_server.ledger.chains import ChainCache
 from tests.support.ledger import create
+from tests.support.meter import background_tasks, sql_statements
 from tests.support.servers import Stubs
 
 CHILDREN = 20
 
 
-@contextmanager
-def chain_queries(server: BudgetServer) -> Iterator[list[str]]:
-    """The statements that read budgets' parents, as the database driver received them."""
-    assert server.db is not None
-    engine = server.db.engine.sync_engine
-    seen: list[str] = []
-
-    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if "parent_id" in statement and "FROM budgets" in statement:
-            seen.append(statement)
-
-    event.listen(engine, "before_cursor_execute", before)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
+def chain_reads(statements: list[str]) -> list[str]:
+    """The statements that read budgets' parents."""
+    return [s for s in statements if "parent_id" in s and "FROM budgets" in s]
 
 
 async def test_first_contacts_are_read_together(server: BudgetServer, api: Stubs) -> None:
@@ -49,14 +33,14 @@ async def test_first_contacts_are_read_together(server: BudgetServer, api: Stubs
     assert server.db is not None
     chains = ChainCache(server.db)
 
-    with chain_queries(server) as queries:
+    with sql_statements(server, background_tasks()) as seen:
         found = await asyncio.gather(
             *(chains.chain_of(i) for i in [*children, "ch:g", "ch:none", "ch:k3"]),
             return_exceptions=True,
         )
     # One query for the 23 ids asked for (which finds every child and the grandchild),
     # one for the root; nothing per budget.
-    assert len(queries) == 2, queries
+    assert len(chain_reads(seen)) == 2, seen
     assert found[:CHILDREN] == [("ch:root", child) for child in children]
     assert found[CHILDREN] == ("ch:root", "ch:k0", "ch:g")
     missing = found[CHILDREN + 1]
@@ -66,10 +50,10 @@ async def test_first_contacts_are_read_together(server: BudgetServer, api: Stubs
 
     # Known now: no query. A new child of a known budget: one query, for itself only.
     await create(api, "ch:k1:x", 10, parent="ch:k1")
-    with chain_queries(server) as queries:
+    with sql_statements(server, background_tasks()) as seen:
         assert await chains.chain_of("ch:k5") == ("ch:root", "ch:k5")
         assert await chains.chain_of("ch:k1:x") == ("ch:root", "ch:k1", "ch:k1:x")
-    assert len(queries) == 1, queries
+    assert len(chain_reads(seen)) == 1, seen
 
 
 async def test_a_caller_giving_up_leaves_the_answer_to_the_others(
@@ -86,9 +70,9 @@ async def test_a_caller_giving_up_leaves_the_answer_to_the_others(
     with pytest.raises(asyncio.CancelledError):
         await impatient
     # The read completed for everyone: the next caller finds it cached.
-    with chain_queries(server) as queries:
+    with sql_statements(server, background_tasks()) as seen:
         assert await chains.chain_of("ch:solo") == ("ch:solo",)
-    assert queries == []
+    assert chain_reads(seen) == []
 
 
 async def test_a_deleted_budget_is_forgotten_and_then_unknown(
@@ -99,6 +83,9 @@ async def test_a_deleted_budget_is_forgotten_and_then_unknown(
     await create(api, "ch:gone", 1_000)
     assert await server.ledger.chain_of("ch:gone") == ("ch:gone",)
     await api.admin.DeleteBudget(pb.DeleteBudgetRequest(id="ch:gone"))
-    with chain_queries(server) as queries, pytest.raises(NotFound, match="'ch:gone' does not"):
+    with (
+        sql_statements(server, background_tasks()) as seen,
+        pytest.raises(NotFound, match="'ch:gone' does not"),
+    ):
         await server.ledger.chain_of("ch:gone")
-    assert len(queries) == 1
+    assert len(chain_reads(seen)) == 1, seen
