@@ -197,6 +197,17 @@ async def test_scopes_limit_keys_to_their_budgets(secured: tuple[BudgetServer, s
         meter = api.budget.Meter(metadata=_as(charge_a))
         await meter.write(pb.MeterRequest(open=pb.MeterOpen(budget_id="team:b", model="m")))
         assert await _code_of(meter.read()) == DENIED
+        # A resume is checked against the budget that owns the reservation, not the one
+        # the open message names.
+        resume = api.budget.Meter(metadata=_as(charge_a))
+        await resume.write(
+            pb.MeterRequest(
+                open=pb.MeterOpen(
+                    budget_id="team:a", model="m", resume_reservation_id=other.reservation.id
+                )
+            )
+        )
+        assert await _code_of(resume.read()) == DENIED
         budget_b = await api.budget.GetBudget(
             pb.GetBudgetRequest(budget_id="team:b"), metadata=_as(admin_key)
         )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 from sqlalchemy.engine import Dialect
@@ -541,7 +540,7 @@ class ChainBatch:
         low = max(floor, res.grant.output_tokens)
         high = max(target.output_tokens, low)
         output = self._largest_affordable_output(shape, low, high, res.holds, res.model)
-        res.grant = replace(shape, output_tokens=output)
+        res.grant = shape.with_output(output)
         needed = self._amounts(0, res.grant, res.model, "grant")
         return {b: max(0, needed[b] - res.holds.get(b, 0)) for b in needed}
 
