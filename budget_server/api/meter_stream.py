@@ -36,6 +36,9 @@ from budget_server.meter.session import MeterSession
 
 log = logging.getLogger("budgetd.meter")
 
+# What `context.read` returns for a message (decoded or not); anything else is the end.
+_MESSAGE_TYPES = (pb.MeterRequest, MalformedRequest)
+
 
 class MeterStreams:
     """Serves Meter calls; keeps the open sessions so freezes can abort them."""
@@ -94,7 +97,7 @@ class MeterStreams:
         try:
             while True:
                 request = await context.read()
-                if not isinstance(request, pb.MeterRequest | MalformedRequest):
+                if not isinstance(request, _MESSAGE_TYPES):
                     break  # grpc.aio.EOF: the client closed its side
                 if isinstance(request, MalformedRequest):
                     raise InvalidArgument(request.message)

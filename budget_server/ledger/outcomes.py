@@ -64,14 +64,14 @@ class OutcomeReporter:
                 continue
             if isinstance(result, OpResult):
                 if not result.replayed and not isinstance(op, ExtendOp):
-                    metrics.reservations.labels(_OUTCOME_OF_KIND[kind]).inc()
+                    metrics.count_outcome(_OUTCOME_OF_KIND[kind])
                 for budget in result.chain:
                     metrics.set_utilisation(budget.id, budget.spent, budget.limit)
                 if not (logging_info or watched):
                     continue
                 self._granted_or_settled(op, kind, result, now_us, logging_info, watched)
             elif isinstance(result, BudgetExhausted) and isinstance(op, ReserveOp | ExtendOp):
-                metrics.reservations.labels("refused").inc()
+                metrics.count_outcome("refused")
                 if logging_info:
                     log.info(
                         "reservation refused",

@@ -26,6 +26,17 @@ class Usage:
     reasoning_tokens: int = 0
 
     def validate(self, what: str = "usage") -> Usage:
+        """This usage if its counts are possible, else INVALID_ARGUMENT saying which is not.
+
+        Every usage message of a meter stream passes here, so valid counts are accepted by
+        one chained comparison (which implies every check below); only invalid ones are
+        examined one by one for the message."""
+        if (
+            0 <= self.cached_input_tokens <= self.input_tokens
+            and 0 <= self.reasoning_tokens <= self.output_tokens
+            and self.input_tokens + self.output_tokens <= AMOUNT_MAX
+        ):
+            return self
         for name in ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens"):
             value = getattr(self, name)
             if value < 0:
