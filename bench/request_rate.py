@@ -97,11 +97,11 @@ async def measure(run: Run) -> dict[str, Any]:
                 runs[(name, shape)].append(outcome)
         profiles: dict[str, Any] = {}
         if run.profile_dir is not None:
-            for backend in backends:
+            for name in ("bare", *(f"budgetd-{backend}" for backend in backends)):
                 for shape in SHAPES:
-                    name = f"budgetd-{backend}"
-                    profiles[f"{backend} {shape}"] = await profiled(
-                        run, crews[name], servers[name], shape, f"requests-{backend}-{shape}"
+                    label = f"{name.removeprefix('budgetd-')} {shape}"
+                    profiles[label] = await profiled(
+                        run, crews[name], servers[name], shape, f"requests-{name}-{shape}"
                     )
     rows = [summarize(backend, shape, runs) for backend in backends for shape in SHAPES]
     return {
@@ -116,21 +116,27 @@ async def measure(run: Run) -> dict[str, Any]:
     }
 
 
-async def profiled(
-    run: Run, crew: Crew, budgetd: Service, shape: str, label: str
-) -> dict[str, Any]:
+async def profiled(run: Run, crew: Crew, server: Service, shape: str, label: str) -> dict[str, Any]:
+    """A profile of `budgetd` (or the bare server, to compare) under one more run of the
+    load, not counted in the figures."""
     assert run.profile_dir is not None
     path = run.profile_dir / f"{label}.txt"
     settings = run.settings
 
     async def record() -> Any:
         await asyncio.sleep(settings.requests_warmup_s)
-        return await profile.record(budgetd.pid, settings.requests_s, path)
+        return await profile.record(server.pid, settings.requests_s, path)
 
-    recorded, _ = await asyncio.gather(record(), requests_once(run, crew, budgetd, shape))
+    recorded, outcome = await asyncio.gather(record(), requests_once(run, crew, server, shape))
     if recorded is None:
         return {"error": "py-spy is not installed"}
-    return profile.report(path)
+    report = profile.report(path)
+    # The GIL's time per request, so that layers compare across servers in ms, not in %.
+    held_s = report["samples"] / profile.RATE_PER_S
+    requests = outcome["rate_per_s"] * profile.recorded_s(settings.requests_s)
+    report["rate_per_s"] = rounded(outcome["rate_per_s"], 0)
+    report["gil_ms_per_request"] = rounded(1000 * held_s / max(requests, 1), 3)
+    return report
 
 
 def summarize(

@@ -35,7 +35,7 @@ from bench import abort_latency, open_streams, overage, request_rate, usage_rate
 from bench.common import finite, rounded, run, uvloop_version
 from bench.context import MODES, Run
 from bench.procs import budgetd_has_api_keys
-from bench.profile import py_spy
+from bench.profile import gil_by_layer, py_spy
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CLIENT_COST_TARGET_US = 10.0
@@ -445,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{document['duration_s']} s\n"
     )
     print(table)
+    if by_layer := gil_by_layer(results):
+        print(f"\n{by_layer}")
     print(f"\nresults: {path}")
     return 1 if failed else 0
 
