@@ -2,7 +2,8 @@
 
 The handler reads the client's messages (open, cumulative usage, finish) with
 `context.read` and feeds the session; what the session has to say goes through its Outbox,
-which writes it at once with `context.write` from a short-lived task. The handler is a
+which writes it at once with `context.write` from a short-lived task (the last event,
+committed, from the handler itself, which waits for it anyway). The handler is a
 plain coroutine (grpc.aio's reader-writer API), not a generator: every message used to
 pass through four generators (grpc's request iterator, the auth guard's check of the open
 message, the servicer and this handler), each resumed per message. An abort is written
@@ -78,13 +79,16 @@ class MeterStreams:
             self.heartbeat.remove(session)
             self.registry.remove(session)
             self.registry.release(key_id)
-            # Shielded: a cancelled call must still leave the reservation resumable and its
-            # last usage on record; shutdown waits for it (closed()).
-            closing = asyncio.ensure_future(session.close())
-            closing.add_done_callback(self._one_closed)
-            await asyncio.shield(closing)
+            if session.close_at_once():
+                self._one_closed()
+            else:
+                # Shielded: a cancelled call must still leave the reservation resumable
+                # and its last usage on record; shutdown waits for it (closed()).
+                closing = asyncio.ensure_future(session.close())
+                closing.add_done_callback(self._one_closed)
+                await asyncio.shield(closing)
 
-    def _one_closed(self, _closing: asyncio.Future[None]) -> None:
+    def _one_closed(self, _closing: asyncio.Future[None] | None = None) -> None:
         self._serving -= 1
         if not self._serving:
             self._all_closed.set()
@@ -119,7 +123,7 @@ class MeterStreams:
                     final = usage_from_pb(request.finish.usage, "finish.usage")
                     self.heartbeat.remove(session)  # the commit persists it from here on
                     committed = await session.finish(request.finish, final)
-                    outbox.put(pb.MeterEvent(committed=committed))
+                    await outbox.send_last(pb.MeterEvent(committed=committed))
                     break
                 else:
                     raise InvalidArgument("empty meter message: set open, usage or finish")

@@ -25,12 +25,13 @@ log = logging.getLogger("budgetd.meter")
 class Outbox:
     """Writes one stream's events with `context.write`, one at a time, in order."""
 
-    __slots__ = ("_context", "_pending", "_writer", "closed")
+    __slots__ = ("_context", "_inline", "_pending", "_writer", "closed")
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
         self._pending: list[pb.MeterEvent] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._inline = False  # send_last is writing from the handler
         self.closed = False  # the call can no longer be written to; events are dropped
 
     def put(self, event: pb.MeterEvent) -> None:
@@ -42,13 +43,31 @@ class Outbox:
             self._pending = [event]
         else:
             self._pending.append(event)
-        if self._writer is None:
+        if self._writer is None and not self._inline:
             self._writer = asyncio.get_running_loop().create_task(self._write())
 
     async def drained(self) -> None:
-        """Wait until everything put so far is written (or the call broke)."""
+        """Wait until everything put so far is written (or the call broke). The writer is
+        awaited without a shield: if this waiter is cancelled, the call is over and close()
+        would cancel the writer anyway."""
         while self._writer is not None:
-            await asyncio.shield(self._writer)
+            await self._writer
+
+    async def send_last(self, event: pb.MeterEvent) -> None:
+        """Write the call's last event after anything queued, and wait until all is
+        written. The handler waits here anyway, so with nothing queued the event is written
+        from the handler itself rather than from a task of its own (one per call saved)."""
+        if self._writer is None and not self.closed:
+            self._inline = True  # anything put meanwhile waits behind this event
+            try:
+                await self._send(event)
+            finally:
+                self._inline = False
+            if self._pending:
+                self._writer = asyncio.get_running_loop().create_task(self._write())
+        else:
+            self.put(event)
+        await self.drained()
 
     def close(self) -> None:
         """The call is over: stop writing, drop what is left."""
@@ -64,13 +83,17 @@ class Outbox:
                 event = self._pending.pop(0)
                 if not self._pending:
                     self._pending = None
-                await self._context.write(event)
+                await self._send(event)
+        finally:
+            if self._writer is asyncio.current_task():
+                self._writer = None
+
+    async def _send(self, event: pb.MeterEvent) -> None:
+        try:
+            await self._context.write(event)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the call ended under us (client gone, server stopping)
             log.debug("meter event not written: %r", error)
             self.closed = True
             self._pending = None
-        finally:
-            if self._writer is asyncio.current_task():
-                self._writer = None

@@ -374,6 +374,16 @@ class MeterSession:
             budget=budget_to_pb(result.budget),
         )
 
+    def close_at_once(self) -> bool:
+        """Close a stream that leaves nothing to persist (finished, or never opened) and
+        say so; False: `close` must run, to keep the reservation for a resume. Most streams
+        finish, and then need no task to close."""
+        if self.state in ("open", "aborted"):
+            return False
+        if self._extension is not None:
+            self._extension.cancel()
+        return True
+
     async def close(self) -> None:
         """The stream ended. Unless it finished, keep the reservation for a resume window,
         with its last usage persisted, after which the sweeper charges that usage."""
