@@ -50,12 +50,7 @@ BUDGET_TOKENS = 10_000_000  # large: these tests are about losing nothing, not a
 RATE = 300.0  # tokens per second, a fast provider
 LONG_TOKENS = 6_000  # 20 s at RATE: room for two crash-restart cycles on a slow machine
 SHORT_TOKENS = 1_000  # ends while budgetd is down: finish() must wait for it to come back
-DOWN_S = 1.0  # how long budgetd stays dead before the restart
-# ... in the cycle where the short streams end. Ending while budgetd is dead, a stream's
-# finish() waits up to STREAM_FINISH_WAIT_S for its meter stream before it commits by unary
-# call; budgetd must still be dead by then, or the meter resumes and finishes on the stream
-# (budgetd's restart alone took 1.4-3.3 s here: after DOWN_S, too soon or not by turns).
-SHORT_END_DOWN_S = STREAM_FINISH_WAIT_S + 1.0
+DOWN_S = 1.0  # how long budgetd stays dead before the restart (but see _ended_while_down)
 
 # A broken stream resumes by waiting for the channel to reconnect, and the channel retries
 # at least once a second (max reconnect backoff 1 s, +20 % jitter): we measured 0.1-1.1 s
@@ -79,6 +74,19 @@ async def _metered_openai(
         openai.AsyncOpenAI(base_url=fake.base_url, api_key="test", max_retries=0) as raw,
     ):
         yield budgets, wrap_openai(raw, budgets)
+
+
+async def _ended_while_down(meters: list[Meter]) -> None:
+    """Keep budgetd dead until these streams have ended on the client's side and their
+    finish() has stopped waiting for the meter stream (STREAM_FINISH_WAIT_S; it commits by
+    unary call from then on). Ended as the client counted, not as the provider sent: on a
+    loaded machine the client reads seconds behind the provider, and a stream that ends
+    after the restart resumes and finishes on its stream instead (this test's flake)."""
+    await wait_until(
+        lambda: all(m.counter.output_tokens >= SHORT_TOKENS for m in meters),
+        what="the short streams read to their end",
+    )
+    await asyncio.sleep(STREAM_FINISH_WAIT_S + 1.0)
 
 
 async def _back_times(meters: list[Meter], resumes_before: list[int]) -> list[float]:
@@ -192,10 +200,7 @@ async def test_kill_9_and_restart_on_the_same_port_streams_resume(
                 meters = [o.meter for o in outcomes]
                 # Cycle 1 when the short streams have ~0.4 s left: they end while budgetd is
                 # dead. Cycle 2 half-way through the long ones.
-                for sent, down_s in (
-                    (SHORT_TOKENS - 120, SHORT_END_DOWN_S),
-                    (LONG_TOKENS // 2, DOWN_S),
-                ):
+                for cycle, sent in enumerate((SHORT_TOKENS - 120, LONG_TOKENS // 2)):
                     await wait_until(
                         lambda sent=sent: (
                             _sent_at_least(fake, len(lengths), sent, LONG_TOKENS)
@@ -207,7 +212,12 @@ async def test_kill_9_and_restart_on_the_same_port_streams_resume(
                     before = [m.resumes for m in live]
                     await _kill(server)
                     killed = time.monotonic()
-                    await asyncio.sleep(down_s)
+                    if cycle == 0:
+                        await _ended_while_down(
+                            [m for m, n in zip(meters, lengths, strict=True) if n == SHORT_TOKENS]
+                        )
+                    else:
+                        await asyncio.sleep(DOWN_S)
                     server = await start_server_process(db_url, port=port)
                     restarted = time.monotonic()
                     # Every stream still running resumes on the new process; those that
