@@ -91,7 +91,7 @@ _BOILERPLATE = (
 # the rest is "other" (the meter handler's own code, registries, heartbeats, the close of
 # each stream).
 GRPC_AND_LOOP = "gRPC and event loop"
-_GRPC_LEAVES = ("Runner.run ", "MeterStreams._read ", "Outbox._write ", "BareMeter.meter ")
+_GRPC_LEAVES = ("Runner.run ", "MeterStreams._read ", "Outbox._send ", "BareMeter.meter ")
 LAYERS = (
     ("metrics", ("prometheus_client/", "budget_server/metrics.py")),
     ("auth", ("Guard.principal", "auth/store.py", "auth/keys.py")),

@@ -19,7 +19,10 @@ def test_layers_put_each_sample_where_its_time_goes(tmp_path: Path) -> None:
         "\n".join(
             [
                 f"{LOOP} 50",  # the loop's own C code (grpc, uvloop)
-                f"{LOOP};MeterStreams._read (budget_server/api/meter_stream.py:96) 20",
+                f"{LOOP};MeterStreams._read (budget_server/api/meter_stream.py:96) 15",
+                f"{LOOP};MeterStreams._read (budget_server/api/meter_stream.py:124);"
+                "Outbox.send_last (budget_server/meter/outbox.py:65);"
+                "Outbox._send (budget_server/meter/outbox.py:97) 5",  # awaiting context.write
                 f"{WRITER};SqliteWriter._transaction (budget_server/db/sqlite_writer.py:170) 15",
                 # metrics updated by an actor are metrics, not the actor
                 f"{LOOP};BudgetActor._apply (budget_server/ledger/actors.py:125);"
