@@ -4,8 +4,10 @@ concurrent streams, on many budgets and on one hot budget, SQLite and PostgreSQL
 Limits, in the same run: the bare grpc.aio service answering the same message pattern with
 no ledger (the ceiling), and the naive ledger (`bench/naive_ledger.py`: one transaction
 per reserve and per commit) behind that same bare pattern. Each server keeps one crew of
-load-generator processes for the whole measure; within a repetition every configuration
-runs once, and the order is reversed on every other repetition.
+load-generator processes for the whole measure. A repetition runs each shape in turn:
+every budgetd between two runs of the bare server, held against their mean
+(`bracketed_rep`), then the naive ledgers; the order is reversed on every other
+repetition.
 """
 
 from __future__ import annotations
@@ -89,12 +91,12 @@ async def measure(run: Run) -> dict[str, Any]:
         ]
         started = await stack.enter_async_context(procs.crews(groups, run.log_dir))
         crews = {name: crew for name, (crew, _) in zip(servers, started, strict=True)}
-        plan = [(name, shape) for name in servers for shape in SHAPES]
-        runs: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in plan}
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {
+            (name, shape): [] for name in servers for shape in SHAPES
+        }
         for rep in range(settings.reps):
-            for name, shape in plan if rep % 2 == 0 else reversed(plan):
-                outcome = await requests_once(run, crews[name], servers[name], shape)
-                runs[(name, shape)].append(outcome)
+            for shape in SHAPES if rep % 2 == 0 else SHAPES[::-1]:
+                await bracketed_rep(run, crews, servers, shape, runs, reverse=rep % 2 == 1)
         profiles: dict[str, Any] = {}
         if run.profile_dir is not None:
             for name in ("bare", *(f"budgetd-{backend}" for backend in backends)):
@@ -114,6 +116,38 @@ async def measure(run: Run) -> dict[str, Any]:
         "skipped": skipped,
         "profiles": profiles,
     }
+
+
+async def bracketed_rep(
+    run: Run,
+    crews: dict[str, Crew],
+    servers: dict[str, Service],
+    shape: str,
+    runs: dict[tuple[str, str], list[dict[str, Any]]],
+    *,
+    reverse: bool,
+) -> None:
+    """One repetition of one shape: every budgetd between two runs of the bare server,
+    then the naive ledgers. The machine's speed drifts within minutes here (the bare
+    service at 898 then 440 requests/s in one run), and a repetition of all servers takes
+    about one: so each budgetd run is held against the mean of the bare runs just before
+    and after it (`bare_beside_per_s`), which cancels a drift that is steady over the two."""
+    budgetds = [name for name in servers if name.startswith("budgetd-")]
+    naives = [name for name in servers if name.startswith("naive-")]
+    if reverse:
+        budgetds.reverse()
+        naives.reverse()
+    before = await requests_once(run, crews["bare"], servers["bare"], shape)
+    runs[("bare", shape)].append(before)
+    for name in budgetds:
+        outcome = await requests_once(run, crews[name], servers[name], shape)
+        after = await requests_once(run, crews["bare"], servers["bare"], shape)
+        outcome["bare_beside_per_s"] = (before["rate_per_s"] + after["rate_per_s"]) / 2
+        runs[(name, shape)].append(outcome)
+        runs[("bare", shape)].append(after)
+        before = after
+    for name in naives:
+        runs[(name, shape)].append(await requests_once(run, crews[name], servers[name], shape))
 
 
 async def profiled(run: Run, crew: Crew, server: Service, shape: str, label: str) -> dict[str, Any]:
@@ -146,9 +180,7 @@ def summarize(
     naive = runs[(f"naive-{backend}", shape)]
     bare = runs[("bare", shape)]
     rate = median([r["rate_per_s"] for r in mine])
-    share = median(
-        [ratio(m["rate_per_s"], b["rate_per_s"]) for m, b in zip(mine, bare, strict=True)]
-    )
+    share = median([ratio(m["rate_per_s"], m["bare_beside_per_s"]) for m in mine])
     times_naive = median(
         [ratio(m["rate_per_s"], n["rate_per_s"]) for m, n in zip(mine, naive, strict=True)]
     )
