@@ -375,21 +375,17 @@ class MeterSession:
         )
 
     def close_at_once(self) -> bool:
-        """Close a stream that leaves nothing to persist (finished, or never opened) and
-        say so; False: `close` must run, to keep the reservation for a resume. Most streams
-        finish, and then need no task to close."""
-        if self.state in ("open", "aborted"):
-            return False
+        """The stream ended: stop its extension, and say whether that is all (it finished,
+        or never opened). False: `close` must run, to keep the reservation for a resume.
+        Most streams finish, and then need no task to close."""
         if self._extension is not None:
             self._extension.cancel()
-        return True
+        return self.state not in ("open", "aborted")
 
     async def close(self) -> None:
         """The stream ended. Unless it finished, keep the reservation for a resume window,
         with its last usage persisted, after which the sweeper charges that usage."""
-        if self._extension is not None:
-            self._extension.cancel()
-        if self.state not in ("open", "aborted"):
+        if self.close_at_once():
             return
         self.state = "broken"
         try:

@@ -57,15 +57,26 @@ async def test_a_beat_that_raises_does_not_drop_the_stream() -> None:
 
 
 class _Context:
+    """grpc.aio's `write`, as far as the outbox sees it: a write takes turns of the event
+    loop, and must not overlap another one on the same call."""
+
     def __init__(self, *, broken: bool = False) -> None:
         self.written: list[pb.MeterEvent] = []
         self._broken = broken
+        self._in_flight = 0
+        self.most_in_flight = 0
 
     async def write(self, message: pb.MeterEvent) -> None:
-        await asyncio.sleep(0)
-        if self._broken:
-            raise RuntimeError("RPC already finished")
-        self.written.append(message)
+        self._in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self._in_flight)
+        try:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            if self._broken:
+                raise RuntimeError("RPC already finished")
+            self.written.append(message)
+        finally:
+            self._in_flight -= 1
 
 
 def _granted(tokens: int) -> pb.MeterEvent:
@@ -93,3 +104,20 @@ async def test_outbox_of_a_broken_call_drops_events_quietly() -> None:
     outbox.put(_granted(2))
     await outbox.drained()
     assert outbox.closed
+
+
+async def test_outbox_send_last_writes_itself_and_what_comes_meanwhile_waits_behind() -> None:
+    context = _Context()
+    outbox = Outbox(cast(Any, context))
+    # Put while the last event is being written by send_last itself (from its caller).
+    asyncio.get_running_loop().call_soon(outbox.put, _granted(2))
+    await outbox.send_last(_granted(1))
+    assert [e.granted.granted_output_tokens for e in context.written] == [1, 2]
+    assert context.most_in_flight == 1  # one write at a time on a call
+
+    busy = _Context()
+    outbox = Outbox(cast(Any, busy))
+    outbox.put(_granted(1))  # its writer task is still to run: the last event queues behind
+    await outbox.send_last(_granted(2))
+    assert [e.granted.granted_output_tokens for e in busy.written] == [1, 2]
+    assert busy.most_in_flight == 1
