@@ -8,15 +8,19 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from budget_server.clock import SystemClock
 from budget_server.db.engine import Database, open_database
 from budget_server.db.errors import is_unavailable
 from budget_server.db.migrate import upgrade_to_head
 from budget_server.db.pg_raw import raw_transaction
 from budget_server.db.schema import budgets, ledger_entries
 from budget_server.ledger import statements as SQL
+from budget_server.ledger.admin import BudgetSpec, create_budget
+from budget_server.ledger.ledger import Ledger
+from budget_server.ledger.model import CommitOp, ReserveOp
 from budget_server.ledger.pg_writes import write_all_postgres
 from budget_server.ledger.writes import ConcurrentWrite, WriteSet
 from tests.support.databases import fresh_postgres
@@ -164,3 +168,58 @@ async def test_one_statement_write_checks_compare_and_set(db: Database) -> None:
         assert (await sa_conn.execute(select(budgets.c.spent))).scalar_one() == 0
         entries = select(func.count()).select_from(ledger_entries)
         assert (await sa_conn.execute(entries)).scalar_one() == 0
+
+
+async def _scans(db: Database) -> dict[str, tuple[int, int]]:
+    """(sequential, index) scans per ledger table, as this backend has counted them.
+
+    The pool holds one connection, so the ledger's transactions ran on this backend; its
+    counts reach the statistics views once it flushes them, which it is told to do first.
+    """
+    async with db.engine.connect() as conn:
+        await conn.execute(text("SELECT pg_stat_force_next_flush()"))
+        await conn.commit()  # idle now: the backend flushes before the next query
+        rows = await conn.execute(
+            text(
+                "SELECT relname, seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables "
+                "WHERE relname IN ('budgets', 'reservations', 'reservation_holds')"
+            )
+        )
+        return {name: (seq, idx) for name, seq, idx in rows.all()}
+
+
+async def test_the_ledger_reads_rows_by_index_while_its_tables_are_small() -> None:
+    """On small tables PostgreSQL plans sequential scans, and a prepared statement keeps
+    its generic plan as the tables grow (`pg_raw.BEGIN`): the ledger's own statements
+    must look rows up by index from the first transaction."""
+    async with fresh_postgres() as url:
+        db = open_database(url, pool_size=1)
+        try:
+            await upgrade_to_head(db)
+            clock = SystemClock()
+            spec = BudgetSpec("hot", None, "TOKENS", 10**9, "NONE", "UTC", "HARD", ())
+            await create_budget(db, spec, clock.now_us())
+            ledger = Ledger(db, clock)
+            before = await _scans(db)
+            # More than the five executions after which a generic plan may be kept.
+            for _ in range(8):
+                reserve = ReserveOp(
+                    budget_id="hot",
+                    amount=10,
+                    estimate=None,
+                    model="",
+                    ttl_ms=60_000,
+                    idempotency_key=None,
+                    labels={},
+                )
+                held = await ledger.reserve(reserve)
+                await ledger.commit(
+                    CommitOp(reservation_id=held.reservation.id, usage=None, amount=7)
+                )
+            after = await _scans(db)
+        finally:
+            await db.close()
+    for table, (seq, idx) in after.items():
+        assert seq == before[table][0], f"{table} was scanned sequentially"
+        assert idx > before[table][1], f"{table} was not read by index"
+    assert set(after) == {"budgets", "reservations", "reservation_holds"}
