@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    literal_column,
 )
 
 from budget_server.limits import ID_LENGTH_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, MODEL_LENGTH_MAX
@@ -87,8 +88,26 @@ reservations = Table(
     Column("created_at_us", BigInteger, nullable=False),
     Column("finished_at_us", BigInteger, nullable=False),  # 0 while PENDING
     UniqueConstraint("budget_id", "idempotency_key"),
-    Index(None, "state", "expires_at_us"),
-    Index(None, "budget_id", "state"),
+)
+
+# Only open reservations are looked up by state (the sweeper's due ones, a budget's open
+# holds), so only they are indexed by it. Indexes on (state, expires_at_us) and (budget_id,
+# state) took a new entry in each for every finished reservation and grew with the whole
+# history; these hold the few hundred open ones. Queries compare the state with this
+# literal, not a bound parameter: a generic PostgreSQL plan (what a prepared statement
+# settles on) cannot match a partial index against a parameter, and reads every row.
+PENDING = reservations.c.state == literal_column("'PENDING'")
+Index(
+    "ix_reservations_pending_expires_at_us",
+    reservations.c.expires_at_us,
+    sqlite_where=PENDING,
+    postgresql_where=PENDING,
+)
+Index(
+    "ix_reservations_pending_budget_id",
+    reservations.c.budget_id,
+    sqlite_where=PENDING,
+    postgresql_where=PENDING,
 )
 
 # What a reservation holds on each budget of its chain, in that budget's unit. The sum of
@@ -101,6 +120,11 @@ reservation_holds = Table(
     Column("held", BigInteger, nullable=False),
     Column("charged", BigInteger, nullable=False),
     Index(None, "budget_id"),
+    # Every hold is rewritten when its reservation finishes (and when a meter grant grows),
+    # moments after it was inserted. Pages left half empty keep the new version on the
+    # same page, so PostgreSQL updates it in place (HOT) instead of adding a tuple and an
+    # index entry and leaving the old one to vacuum.
+    postgresql_with={"fillfactor": 50},
 )
 
 # Append-only. Each row carries its effect on the budget's running figures, so that

@@ -16,7 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from budget_server import validation
 from budget_server.db.engine import Database
-from budget_server.db.schema import budgets, ledger_entries, reservation_holds, reservations
+from budget_server.db.schema import (
+    PENDING,
+    budgets,
+    ledger_entries,
+    reservation_holds,
+    reservations,
+)
 from budget_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from budget_server.events.model import BudgetEvent, new_event_id
 from budget_server.events.publisher import EventPublisher
@@ -299,9 +305,7 @@ async def delete_budget(
                 select(func.count())
                 .select_from(reservation_holds)
                 .join(reservations, reservations.c.id == reservation_holds.c.reservation_id)
-                .where(
-                    reservation_holds.c.budget_id == budget_id, reservations.c.state == "PENDING"
-                )
+                .where(reservation_holds.c.budget_id == budget_id, PENDING)
             )
         ).scalar_one()
         if pending:
@@ -397,7 +401,7 @@ async def list_reservations(
     if budget_id:
         query = query.where(reservations.c.budget_id == validation.budget_id(budget_id))
     if state is not None:
-        query = query.where(reservations.c.state == state)
+        query = query.where(PENDING if state == "PENDING" else reservations.c.state == state)
     if token:
         created_text, _, last_id = decode_page_token(token).partition(":")
         if not created_text.isdigit():
@@ -488,7 +492,7 @@ async def verify(db: Database, budget_id: str = "") -> Verification:
             func.coalesce(func.sum(reservation_holds.c.held), 0).label("held"),
         )
         .join(reservations, reservations.c.id == reservation_holds.c.reservation_id)
-        .where(reservations.c.state == "PENDING")
+        .where(PENDING)
         .group_by(reservation_holds.c.budget_id)
     )
     rows_query = select(budgets.c.id, budgets.c.spent, budgets.c.reserved, budgets.c.overage)

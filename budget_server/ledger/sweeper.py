@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from budget_server.clock import Clock
-from budget_server.db.schema import reservations
+from budget_server.db.schema import PENDING, reservations
 from budget_server.errors import FailedPrecondition, LedgerError, NotFound
 from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.model import ExpireOp
@@ -22,18 +22,21 @@ from budget_server.limits import SWEEP_BATCH_MAX
 log = logging.getLogger("budgetd.sweeper")
 
 
+def due_reservations(now_us: int) -> Select[tuple[str]]:
+    """The oldest open reservations past their expiry: read from the index of open
+    reservations only (`schema.PENDING`), however long the history grows."""
+    return (
+        select(reservations.c.id)
+        .where(PENDING, reservations.c.expires_at_us <= now_us)
+        .order_by(reservations.c.expires_at_us)
+        .limit(SWEEP_BATCH_MAX)
+    )
+
+
 async def sweep_once(ledger: Ledger, clock: Clock) -> int:
     """Expire what is due now; return how many reservations this call ended."""
-    now_us = clock.now_us()
     async with ledger.db.read() as conn:
-        rows = (
-            await conn.execute(
-                select(reservations.c.id)
-                .where(reservations.c.state == "PENDING", reservations.c.expires_at_us <= now_us)
-                .order_by(reservations.c.expires_at_us)
-                .limit(SWEEP_BATCH_MAX)
-            )
-        ).all()
+        rows = (await conn.execute(due_reservations(clock.now_us()))).all()
     results = await asyncio.gather(
         *(ledger.expire(ExpireOp(reservation_id=row.id, actor="sweeper")) for row in rows),
         return_exceptions=True,
