@@ -3,10 +3,15 @@ budget, SQLite and PostgreSQL, and how many batches shared a transaction (`ledge
 
     python -m bench.ledger_groups                      # 1,000 budgets, 256 callers, 5 s
     python -m bench.ledger_groups --db sqlite --budgets 100 --seconds 10
+    python -m bench.ledger_groups --db postgres --rounds 6 --seconds 8   # as tables grow
 
 No gRPC and no other process: this isolates what the ledger's SQL path costs, which the
 many-budgets rows of measure 2 pay on top of the gRPC stack. Many budgets should run
 close to the hot budget's rate, since a group costs what one hot batch costs.
+
+`--rounds N` measures each shape N times in a row on the same database, so a rate that
+falls as the tables grow shows (a stale query plan did: docs/design.md); on PostgreSQL
+each round also reports the WAL written per request, read from `pg_current_wal_lsn()`.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import text
 
 from bench import procs
 from bench.common import run
@@ -28,11 +36,14 @@ from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.model import CommitOp, ReserveOp
 from budget_server.ledger.usage import Usage
 
+WalPosition = Callable[[], Awaitable[int]]
+
 
 async def _requests_per_s(
-    ledger: Ledger, ids: list[str], callers: int, seconds: float
-) -> tuple[float, float]:
-    """Reserve then commit in a loop on `callers` tasks; (requests/s, CPU µs per request)."""
+    ledger: Ledger, ids: list[str], callers: int, seconds: float, wal: WalPosition | None
+) -> dict[str, Any]:
+    """Reserve then commit in a loop on `callers` tasks: requests/s, CPU µs per request
+    and, given the WAL position, WAL bytes per request over the same window."""
     done = 0
     stop = False
 
@@ -61,22 +72,32 @@ async def _requests_per_s(
 
     tasks = [asyncio.create_task(caller(k)) for k in range(callers)]
     await asyncio.sleep(1.0)  # warm-up
+    wal_before = await wal() if wal else 0
     started, cpu, before = time.perf_counter(), time.process_time(), done
     await asyncio.sleep(seconds)
     count, wall, cpu = done - before, time.perf_counter() - started, time.process_time() - cpu
+    wal_after = await wal() if wal else 0
     stop = True
     await asyncio.gather(*tasks)
-    return count / wall, cpu / max(count, 1) * 1e6
+    figures = {
+        "requests_per_s": round(count / wall),
+        "cpu_us_per_request": round(cpu / max(count, 1) * 1e6),
+    }
+    if wal:
+        figures["wal_bytes_per_request"] = round((wal_after - wal_before) / max(count, 1))
+    return figures
 
 
-async def measure(backend: str, budgets: int, callers: int, seconds: float) -> dict[str, Any]:
+async def measure(
+    backend: str, budgets: int, callers: int, seconds: float, rounds: int = 1
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="budgetd-groups-") as tmp:
         async with procs.fresh_database(backend, Path(tmp), "ledger-groups") as url:
-            return await _measure_on(url, backend, budgets, callers, seconds)
+            return await _measure_on(url, backend, budgets, callers, seconds, rounds)
 
 
 async def _measure_on(
-    url: str, backend: str, budgets: int, callers: int, seconds: float
+    url: str, backend: str, budgets: int, callers: int, seconds: float, rounds: int
 ) -> dict[str, Any]:
     db = open_database(url)
     try:
@@ -90,12 +111,18 @@ async def _measure_on(
         for budget_id in [*many, "hot"]:
             await ledger.chain_of(budget_id)  # cached, as in a warm server
         figures: dict[str, Any] = {"backend": backend}
+
+        async def wal_position() -> int:
+            async with db.engine.connect() as conn:
+                lsn = await conn.execute(text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+                return int(lsn.scalar_one())
+
+        wal = None if db.is_sqlite else wal_position
         for shape, ids in (("many", many), ("hot", ["hot"])):
-            rate, cpu_us = await _requests_per_s(ledger, ids, callers, seconds)
-            figures[shape] = {
-                "requests_per_s": round(rate),
-                "cpu_us_per_request": round(cpu_us),
-            }
+            figures[f"{shape}_rounds"] = [
+                await _requests_per_s(ledger, ids, callers, seconds, wal) for _ in range(rounds)
+            ]
+            figures[shape] = figures[f"{shape}_rounds"][0]
         assert ledger.groups is not None
         figures["grouped_batches_per_group"] = round(
             ledger.groups.batches / max(ledger.groups.groups, 1), 1
@@ -109,10 +136,23 @@ async def _measure_on(
         await db.close()
 
 
+def _round_line(backend: str, shape: str, number: int, figures: dict[str, Any]) -> str:
+    wal = figures.get("wal_bytes_per_request")
+    return (
+        f"{backend:9} {shape:4} round {number}: {figures['requests_per_s']:>6}/s "
+        f"{figures['cpu_us_per_request']:>5} µs CPU"
+        + (f" {wal:>6} B WAL per request" if wal is not None else "")
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
     backends = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     for backend in backends:
-        figures = await measure(backend, args.budgets, args.callers, args.seconds)
+        figures = await measure(backend, args.budgets, args.callers, args.seconds, args.rounds)
+        if args.rounds > 1:
+            for shape in ("many", "hot"):
+                for number, round_ in enumerate(figures[f"{shape}_rounds"], 1):
+                    print(_round_line(backend, shape, number, round_))
         many, hot = figures["many"], figures["hot"]
         print(
             f"{backend:9} many ({args.budgets} budgets) {many['requests_per_s']:>6}/s "
@@ -129,4 +169,5 @@ if __name__ == "__main__":
     parser.add_argument("--budgets", type=int, default=1000)
     parser.add_argument("--callers", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=1, help="measure each shape N times")
     run(main(parser.parse_args()))

@@ -134,10 +134,11 @@ class RawPg:
 # Every statement on this path looks rows up by key (`= ANY` of ids, `unnest` joined on a
 # primary key), so a sequential scan is never the right plan for it, but PostgreSQL's
 # planner picks one while the tables are small, and asyncpg's prepared statements keep the
-# generic plan made then: measured in-process (bench/ledger_groups.py's ledger), one hot
-# budget fell from 2,591 to 1,632 reserve+commit/s as 110,000 reservations were written,
-# each transaction reading the whole of `reservations` and `reservation_holds`, and 1,000
-# budgets from 1,152 to 725/s within 18 s. Sequential scans are disabled for these
+# generic plan made then, each transaction reading the whole of `reservations` and
+# `reservation_holds`. `python -m bench.ledger_groups --db postgres --rounds 6 --seconds 6`:
+# 1,000 budgets fell from 1,363 to 768 reserve+commit/s over six rounds (now 1,662 to
+# 1,426), and one hot budget after them ran at 511-555/s (now 1,446-2,723/s). Sequential
+# scans are disabled for these
 # transactions only (SET LOCAL; the admin and report queries keep them); a table without
 # a usable index would still be scanned, the setting only prices the scan out.
 BEGIN = "BEGIN; SET LOCAL enable_seqscan = off"
