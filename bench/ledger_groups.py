@@ -12,6 +12,7 @@ close to the hot budget's rate, since a group costs what one hot batch costs.
 `--rounds N` measures each shape N times in a row on the same database, so a rate that
 falls as the tables grow shows (a stale query plan did: docs/design.md); on PostgreSQL
 each round also reports the WAL written per request, read from `pg_current_wal_lsn()`.
+The summary line gives the median of the rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from sqlalchemy import text
@@ -119,10 +121,11 @@ async def _measure_on(
 
         wal = None if db.is_sqlite else wal_position
         for shape, ids in (("many", many), ("hot", ["hot"])):
-            figures[f"{shape}_rounds"] = [
+            measured = [
                 await _requests_per_s(ledger, ids, callers, seconds, wal) for _ in range(rounds)
             ]
-            figures[shape] = figures[f"{shape}_rounds"][0]
+            figures[f"{shape}_rounds"] = measured
+            figures[shape] = {key: round(median(r[key] for r in measured)) for key in measured[0]}
         assert ledger.groups is not None
         figures["grouped_batches_per_group"] = round(
             ledger.groups.batches / max(ledger.groups.groups, 1), 1

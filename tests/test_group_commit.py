@@ -17,27 +17,11 @@ from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.app import BudgetServer
 from budget_server.errors import BudgetExhausted
 from budget_server.ledger.group import BatchJob, disjoint_groups
-from budget_server.ledger.model import CommitOp, OpResult, ReserveOp
-from tests.support.ledger import assert_ledger_clean, create
+from budget_server.ledger.model import OpResult
+from tests.support.ledger import assert_ledger_clean, commit_op, create, reserve_op
 from tests.support.servers import Stubs
 
 BUDGETS = 24
-
-
-def _reserve(budget_id: str, amount: int) -> ReserveOp:
-    return ReserveOp(
-        budget_id=budget_id,
-        amount=amount,
-        estimate=None,
-        model="",
-        ttl_ms=60_000,
-        idempotency_key=None,
-        labels={},
-    )
-
-
-def _commit(result: OpResult, amount: int) -> CommitOp:
-    return CommitOp(reservation_id=result.reservation.id, usage=None, amount=amount)
 
 
 async def _figures(api: Stubs, budget_id: str) -> pb.Budget:
@@ -68,7 +52,7 @@ async def test_many_budgets_commit_in_groups_with_exact_figures(
     assert counts is not None
     groups_before, batches_before = counts.groups, counts.batches
 
-    reserves = [_reserve(budget_id, 100) for budget_id in everyone for _ in range(3)]
+    reserves = [reserve_op(budget_id, 100) for budget_id in everyone for _ in range(3)]
     outcomes: list[Any] = await asyncio.gather(
         *(server.ledger.reserve(op) for op in reserves), return_exceptions=True
     )
@@ -77,7 +61,7 @@ async def test_many_budgets_commit_in_groups_with_exact_figures(
     assert [type(e) for e in refused] == [BudgetExhausted, BudgetExhausted]
     assert len(granted) == 3 * len(everyone) - 2
 
-    committed = await asyncio.gather(*(server.ledger.commit(_commit(r, 70)) for r in granted))
+    committed = await asyncio.gather(*(server.ledger.commit(commit_op(r, 70)) for r in granted))
     assert [c.charged for c in committed] == [70] * len(granted)
     assert counts.gave_up == 0
     # Both rounds formed groups of several batches (the budgets of one chain cannot).
@@ -104,9 +88,9 @@ async def test_a_group_that_fires_alerts_falls_back_to_its_batches_one_by_one(
     counts = server.ledger.groups
     assert counts is not None
 
-    reserved = await asyncio.gather(*(server.ledger.reserve(_reserve(b, 60)) for b in ids))
+    reserved = await asyncio.gather(*(server.ledger.reserve(reserve_op(b, 60)) for b in ids))
     gave_up = counts.gave_up
-    committed = await asyncio.gather(*(server.ledger.commit(_commit(r, 60)) for r in reserved))
+    committed = await asyncio.gather(*(server.ledger.commit(commit_op(r, 60)) for r in reserved))
     assert counts.gave_up > gave_up  # crossing 50 % fires alerts, which a group does not write
 
     assert [c.charged for c in committed] == [60] * len(ids)

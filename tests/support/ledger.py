@@ -6,7 +6,26 @@ import grpc
 from google.rpc import status_pb2
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
+from budget_server.ledger.model import CommitOp, OpResult, ReserveOp
 from tests.support.servers import Stubs
+
+
+def reserve_op(budget_id: str, amount: int) -> ReserveOp:
+    """A plain reservation of `amount`, for tests that drive the ledger in-process."""
+    return ReserveOp(
+        budget_id=budget_id,
+        amount=amount,
+        estimate=None,
+        model="",
+        ttl_ms=60_000,
+        idempotency_key=None,
+        labels={},
+    )
+
+
+def commit_op(result: OpResult, amount: int) -> CommitOp:
+    """Commit the reservation `result` holds, charging `amount`."""
+    return CommitOp(reservation_id=result.reservation.id, usage=None, amount=amount)
 
 
 async def create(

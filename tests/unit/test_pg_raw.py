@@ -20,10 +20,10 @@ from budget_server.db.schema import budgets, ledger_entries
 from budget_server.ledger import statements as SQL
 from budget_server.ledger.admin import BudgetSpec, create_budget
 from budget_server.ledger.ledger import Ledger
-from budget_server.ledger.model import CommitOp, ReserveOp
 from budget_server.ledger.pg_writes import write_all_postgres
 from budget_server.ledger.writes import ConcurrentWrite, WriteSet
 from tests.support.databases import fresh_postgres
+from tests.support.ledger import commit_op, reserve_op
 from tests.unit.test_sqlite_writer import _budget
 
 
@@ -203,19 +203,8 @@ async def test_the_ledger_reads_rows_by_index_while_its_tables_are_small() -> No
             before = await _scans(db)
             # More than the five executions after which a generic plan may be kept.
             for _ in range(8):
-                reserve = ReserveOp(
-                    budget_id="hot",
-                    amount=10,
-                    estimate=None,
-                    model="",
-                    ttl_ms=60_000,
-                    idempotency_key=None,
-                    labels={},
-                )
-                held = await ledger.reserve(reserve)
-                await ledger.commit(
-                    CommitOp(reservation_id=held.reservation.id, usage=None, amount=7)
-                )
+                held = await ledger.reserve(reserve_op("hot", 10))
+                await ledger.commit(commit_op(held, 7))
             after = await _scans(db)
         finally:
             await db.close()
