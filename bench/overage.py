@@ -50,14 +50,26 @@ async def run_crew(
     started = time.perf_counter()
     answers = await crew.command(commands, 900)
     elapsed_s = time.perf_counter() - started
-    shares = {n: round((cpu_s(p) - cpu_before[n]) / elapsed_s, 2) for n, p in pids.items()}
+    used = {n: cpu_s(p) - cpu_before[n] for n, p in pids.items()}
+    shares = {n: round(seconds / elapsed_s, 2) for n, seconds in used.items()}
     load = {
         "elapsed_s": round(elapsed_s, 1),
         "cpu_share_of_a_core": shares,
         "cpu_total_cores": round(sum(shares.values()), 2),
         "loadavg_1min_after": os.getloadavg()[0],
+        "client_cpu_s": sum(s for n, s in used.items() if n.startswith("client_")),
     }
     return answers, load
+
+
+def per_token(load: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The clients' CPU per token the fake sent them: what keeping up with the provider
+    costs. A client short of it reads behind, and what it has not read at the cut is
+    overage; 64 streams at 50 tokens/s need 3,200 x this per second of the machine."""
+    tokens = sum(int(r["tokens_sent"]) for r in records)
+    client_cpu_s = load.pop("client_cpu_s")
+    load["client_cpu_us_per_token"] = rounded(client_cpu_s / tokens * 1e6) if tokens else None
+    return load
 
 
 async def measure(run: Run) -> dict[str, Any]:
@@ -113,10 +125,11 @@ async def measure(run: Run) -> dict[str, Any]:
                 f"client_{i}": pid for i, pid in enumerate(crew.pids)
             }
             answers, load = await run_crew(crew, commands, pids)
-            loads.append(load)
             streams += [s for a in answers for s in a["streams"]]
             errors += [e for a in answers for e in a["first_errors"]]
-            records |= {r["request_id"]: r for r in await fake_records(fake)}
+            sent = await fake_records(fake)
+            loads.append(per_token(load, sent))
+            records |= {r["request_id"]: r for r in sent}
             reservations |= {r.id: r for r in await list_reservations(budgetd, budget_id)}
             budget = await get_budget(budgetd, budget_id)
             ledger["limit"] += budget.limit
@@ -134,10 +147,11 @@ async def measure(run: Run) -> dict[str, Any]:
                 f"client_{i}": pid for i, pid in enumerate(bare_crew.pids)
             }
             bare_answers, bare_load = await run_crew(bare_crew, bare_commands, bare_pids)
-            bare_loads.append(bare_load)
             bare_streams += [s for a in bare_answers for s in a["streams"]]
             errors += [e for a in bare_answers for e in a["first_errors"]]
-            bare_records |= {r["request_id"]: r for r in await fake_records(fake)}
+            bare_sent = await fake_records(fake)
+            bare_loads.append(per_token(bare_load, bare_sent))
+            bare_records |= {r["request_id"]: r for r in bare_sent}
             await clear_fake_records(fake)
     result = summarize(run, streams, records, reservations, ledger, errors)
     result["bare"] = bare_overage(bare_streams, bare_records)
@@ -146,6 +160,9 @@ async def measure(run: Run) -> dict[str, Any]:
     # overage that budgetd never had a chance to stop.
     result["load"] = loads
     result["bare"]["load"] = bare_loads
+    for figures, runs in ((result, loads), (result["bare"], bare_loads)):
+        costs = [r["client_cpu_us_per_token"] for r in runs if r["client_cpu_us_per_token"]]
+        figures["client_cpu_us_per_token"] = median(costs) if costs else None
     return result
 
 

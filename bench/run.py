@@ -250,6 +250,15 @@ def table_rows(results: dict[str, Any]) -> Iterator[Row]:
         )
         yield (
             "",
+            "client CPU per token",
+            _n(over.get("client_cpu_us_per_token"), " us"),
+            f"bare server's clients {_n(bare.get('client_cpu_us_per_token'), ' us')}",
+            "",
+            "(keeping up with the provider)",
+            "",
+        )
+        yield (
+            "",
             "served / budget",
             f"{over['served_share_of_budget']}",
             f"1 + overage {over['allowed_share_of_budget']}",

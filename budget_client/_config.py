@@ -38,6 +38,10 @@ class ClientConfig:
     """First and largest pause between attempts to resume a broken meter stream."""
     finish_timeout_s: float = 10.0
     """How long finishing a stream keeps trying to reach budgetd before spooling its usage."""
+    usage_report_interval_s: float = 0.25
+    """How often a meter sends its count while it is below budgetd's report mark, where
+    budgetd only keeps it (from the mark on, every change goes at once). What a crash of
+    the app loses from the charge is at most this much of the response."""
     replay_interval_s: float = 2.0
     """How often spooled usage is retried while budgetd is away."""
     api_key: str | None = field(default_factory=lambda: os.environ.get("BUDGETD_API_KEY"))

@@ -8,7 +8,8 @@ server restarts, and the abort signal delivered to whoever must close the upstre
         meter.set_provider_usage(final_usage)        # when the provider reports one
 
 Usage is sent cumulative and only the latest value matters, so a writer task sends the
-newest totals whenever they change and never queues stale ones. If the stream to budgetd
+newest totals and never queues stale ones: at once from budgetd's report mark on (where it
+extends or aborts), once per `usage_report_interval_s` below it. If the stream to budgetd
 breaks, the response keeps going (fail-open) while the meter resumes on any replica with
 its reservation id and current totals; nothing is lost or charged twice. The final commit
 falls back to a unary Commit, which is idempotent and reconciles an expired reservation.
@@ -47,6 +48,8 @@ STREAM_FINISH_WAIT_S = 2.0
 # Least time between two usage messages of one stream: at most 1,000 a second, half of
 # budgetd's default usage_messages_per_s_max. Counts are cumulative, so a provider (or a
 # drained buffer) producing tokens faster only has its totals sent less often, nothing lost.
+# This is the pace from budgetd's report mark on; below it, usage goes every
+# `ClientConfig.usage_report_interval_s`.
 USAGE_INTERVAL_S = 0.001
 
 # Resumes of one stream, at most: a replica that keeps breaking streams must not keep the
@@ -89,6 +92,11 @@ class Meter:
         self.grant_final = False
         """budgetd will not grow the grant: reaching it aborts, here, with no round trip."""
         self._capped_by = ""
+        self.report_at_output_tokens = 0
+        """From this output count on, budgetd acts on our usage (it extends the grant, or
+        aborts at it), so every change is sent at once; below it, every
+        `usage_report_interval_s`. 0 (a server that names no mark): every change at once."""
+        self._report_timer: asyncio.TimerHandle | None = None
         self.aborted: BudgetExceeded | None = None
         self.committed: Committed | None = None
         self._usage = Usage(input_tokens=prompt_tokens)
@@ -139,8 +147,26 @@ class Meter:
     def set_usage(self, usage: Usage) -> None:
         """Report cumulative usage counted elsewhere (e.g. Anthropic's message_delta)."""
         self._usage = usage
-        self._dirty.set()  # sent all the same: budgetd settles its side of an abort on it
+        if (
+            usage.output_tokens < self.report_at_output_tokens
+            and usage.input_tokens <= self.prompt_tokens  # within what the grant holds
+        ):
+            self._report_later()
+        else:
+            self._dirty.set()  # sent all the same: budgetd settles its side of an abort on it
         self._cut_at_final_grant()
+
+    def _report_later(self) -> None:
+        """Below the report mark budgetd only keeps our count (for a crash, and its
+        heartbeat persists it every few seconds): one message per interval is enough."""
+        if self._report_timer is None:
+            self._report_timer = asyncio.get_running_loop().call_later(
+                self._client.config.usage_report_interval_s, self._report_due
+            )
+
+    def _report_due(self) -> None:
+        self._report_timer = None
+        self._dirty.set()
 
     def _cut_at_final_grant(self) -> None:
         """Abort here when the count reaches a final grant, by budgetd's own rule for it
@@ -261,7 +287,12 @@ class Meter:
             raise BudgetUnavailable("budgetd closed the meter stream before opening it")
         opened = event.opened
         self.reservation_id = opened.reservation_id
-        self._set_grant(opened.granted_output_tokens, opened.grant_final, opened.capped_by)
+        self._set_grant(
+            opened.granted_output_tokens,
+            opened.grant_final,
+            opened.capped_by,
+            opened.report_at_output_tokens,
+        )
         # The server's last record of our usage: what was lost with the old stream is
         # re-sent (cumulative totals, so nothing counts twice).
         self._sent = Usage.from_pb(opened.usage) if resume else Usage()
@@ -270,9 +301,14 @@ class Meter:
             self._dirty.set()  # send the totals counted while away
         return call
 
-    def _set_grant(self, granted_output_tokens: int, final: bool, capped_by: str) -> None:
+    def _set_grant(
+        self, granted_output_tokens: int, final: bool, capped_by: str, report_at: int
+    ) -> None:
         self.granted_output_tokens = granted_output_tokens
         self.grant_final, self._capped_by = final, capped_by
+        self.report_at_output_tokens = report_at
+        if self._usage.output_tokens >= report_at:
+            self._dirty.set()  # counted past the new mark while the notice was on its way
         self._cut_at_final_grant()  # counted past it while the notice was on its way
 
     async def _supervise(self, call: MeterCall) -> None:
@@ -331,7 +367,12 @@ class Meter:
                 kind = event.WhichOneof("event")
                 if kind == "granted":
                     granted = event.granted
-                    self._set_grant(granted.granted_output_tokens, granted.final, granted.capped_by)
+                    self._set_grant(
+                        granted.granted_output_tokens,
+                        granted.final,
+                        granted.capped_by,
+                        granted.report_at_output_tokens,
+                    )
                 elif kind == "abort":
                     self._abort(event.abort)
                 elif kind == "alert":
@@ -413,6 +454,9 @@ class Meter:
         return self.committed
 
     async def _stop_supervisor(self) -> None:
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
         supervisor = self._supervisor
         if supervisor is not None:
             supervisor.cancel()

@@ -101,6 +101,16 @@ LIVE_STREAMS_MAX = 3
 POLICY = GrantPolicy()
 RESUME_WINDOW_US = POLICY.resume_window_ms * 1000
 STREAM_TTL_US = POLICY.ttl_ms * 1000
+
+
+def report_mark(grant: int, final: bool, max_output: int) -> int:
+    """Where the server says it starts acting on a stream's usage: at a grant that cannot
+    grow (final, or reaching max_output_tokens), at any other its refill mark."""
+    if final or (max_output and grant >= max_output):
+        return grant
+    return -(-grant * POLICY.refill_at_pct // 100)
+
+
 AFTER_EVERYTHING_S = 25 * 3600  # past TTL_MAX_MS: every reservation left has expired
 
 # Refusals a bad request may get. UNKNOWN and INTERNAL mean a bug in budgetd.
@@ -872,6 +882,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert granted.capped_by, event
             else:
                 assert granted.granted_output_tokens > live.grant_output, event
+            mark = report_mark(granted.granted_output_tokens, granted.final, live.max_output)
+            assert granted.report_at_output_tokens == mark, (event, mark)
             live.grant_output, live.final = granted.granted_output_tokens, granted.final
         elif kind == "abort":
             live.aborted = True
@@ -1065,6 +1077,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert opened.granted_output_tokens == grant, (opened, grant)
         assert not opened.resumed
         assert opened.grant_final == (grant < high), (opened, grant, high)
+        mark = report_mark(grant, opened.grant_final, max_output)
+        assert opened.report_at_output_tokens == mark, (opened, mark)
         res = ModelReservation(
             id=opened.reservation_id,
             budget_id=budget.id,
@@ -1330,6 +1344,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert opened.reservation_id == res.id
         assert (opened.usage.input_tokens, opened.usage.output_tokens) == res.usage
         assert opened.granted_output_tokens == res.grant[1]
+        mark = report_mark(res.grant[1], opened.grant_final, max_output)
+        assert opened.report_at_output_tokens == mark, (opened, mark)
         res.live = True
         res.expires_at_us = self.now_us + STREAM_TTL_US
         self.streams.append(

@@ -97,11 +97,17 @@ async def test_grants_double_while_the_budget_has_room(api: Stubs) -> None:
     await create(api, "meter:grow", 1_000_000)
     call, opened = await open_stream(api, open_request("meter:grow", prompt_tokens=100))
     grants = [opened.granted_output_tokens]
+    # Each grant names the output count from which the server acts on usage (the client
+    # reports usage below it seldom): its refill mark.
+    marks = [opened.report_at_output_tokens]
     for _ in range(4):
         await call.write(usage_request(100, refill_mark(grants[-1]) - 1))  # memory only
         await call.write(usage_request(100, refill_mark(grants[-1])))
-        grants.append((await expect_event(call, "granted")).granted.granted_output_tokens)
+        granted = (await expect_event(call, "granted")).granted
+        grants.append(granted.granted_output_tokens)
+        marks.append(granted.report_at_output_tokens)
     assert grants == [256, 512, 1024, 2048, 4096]
+    assert marks == [refill_mark(grant) for grant in grants] == [192, 384, 768, 1536, 3072]
 
     output = refill_mark(grants[-1]) - 1
     committed = await committed_after_finish(call, finish_request(100, output))
@@ -131,6 +137,7 @@ async def test_near_the_limit_the_grant_shrinks_to_what_is_left_then_aborts(api:
         True,
         "meter:edge",
     )
+    assert granted.report_at_output_tokens == 900  # a final grant: usage matters at it
     held = await budget(api, "meter:edge")
     assert (held.spent, held.reserved, held.available) == (0, 1000, 0)
 
@@ -165,6 +172,7 @@ async def test_open_grant_shrinks_to_what_is_left_and_provider_usage_is_committe
     call, opened = await open_stream(api, open_request("meter:small", prompt_tokens=100))
     assert opened.granted_output_tokens == 200  # not 256: only 200 fit after the prompt
     assert (opened.grant_final, opened.capped_by) == (True, "meter:small")
+    assert opened.report_at_output_tokens == 200
     await call.write(usage_request(100, refill_mark(200)))  # an extension that cannot grow
     await call.write(usage_request(100, 200))
     abort = (await expect_event(call, "abort")).abort
@@ -191,6 +199,7 @@ async def test_an_extension_refused_early_marks_the_grant_final(api: Stubs) -> N
         True,
         "meter:taken",
     )
+    assert granted.report_at_output_tokens == 256
     await call.write(usage_request(100, 256))
     abort = (await expect_event(call, "abort")).abort
     assert (abort.reason, abort.budget_id) == (pb.ABORT_REASON_EXHAUSTED, "meter:taken")

@@ -124,6 +124,7 @@ class MeterSession:
             usage=usage_to_pb(reservation.usage),
             grant_final=bool(self._capped_by),
             capped_by=self._capped_by,
+            report_at_output_tokens=self._report_at(),
         )
 
     async def _reserve(self, message: pb.MeterOpen) -> OpResult:
@@ -219,11 +220,19 @@ class MeterSession:
             else:
                 self._extension = asyncio.create_task(self._extend())
             return
-        near = (
-            self.usage.output_tokens * 100 >= self.grant.output_tokens * self._policy.refill_at_pct
-        )
+        near = self.usage.output_tokens >= self._report_at()
         if near and not self._capped_by and not self._output_complete():
             self._extension = asyncio.create_task(self._extend())
+
+    def _report_at(self) -> int:
+        """The output count from which `_check_grant` can decide anything: the refill mark,
+        or the grant itself when it cannot grow. Told to the client, which then sends usage
+        below it seldom: at provider speeds most tokens fall below it, and a usage message
+        costs the client (and this process) more than counting the token did."""
+        grant = self.grant.output_tokens
+        if self._capped_by or self._output_complete():
+            return grant
+        return min(grant, -(-grant * self._policy.refill_at_pct // 100))
 
     def _output_complete(self) -> bool:
         return bool(self.max_output_tokens) and self.grant.output_tokens >= self.max_output_tokens
@@ -292,6 +301,7 @@ class MeterSession:
                     granted_output_tokens=self.grant.output_tokens,
                     final=bool(self._capped_by),
                     capped_by=self._capped_by,
+                    report_at_output_tokens=self._report_at(),
                 )
             )
         )

@@ -1074,6 +1074,7 @@ class MeterOpened(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     GRANT_FINAL_FIELD_NUMBER: _builtins.int
     CAPPED_BY_FIELD_NUMBER: _builtins.int
+    REPORT_AT_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     granted_output_tokens: _builtins.int
     resumed: _builtins.bool
@@ -1083,6 +1084,12 @@ class MeterOpened(_message.Message):
     may cut the upstream there itself, without waiting for the round trip.
     """
     capped_by: _builtins.str
+    report_at_output_tokens: _builtins.int
+    """The output count from which the server acts on this stream's usage: where it extends
+    the grant, or the grant itself when that cannot grow. Below it, usage is bookkeeping
+    only (and persisted by the server's heartbeat), so the client may report it seldom;
+    from it on, every change should go at once. 0: report every change.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """what the server knows when resuming"""
@@ -1096,10 +1103,11 @@ class MeterOpened(_message.Message):
         usage: Global___Usage | None = ...,
         grant_final: _builtins.bool = ...,
         capped_by: _builtins.str = ...,
+        report_at_output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capped_by", b"capped_by", "grant_final", b"grant_final", "granted_output_tokens", b"granted_output_tokens", "reservation_id", b"reservation_id", "resumed", b"resumed", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capped_by", b"capped_by", "grant_final", b"grant_final", "granted_output_tokens", b"granted_output_tokens", "report_at_output_tokens", b"report_at_output_tokens", "reservation_id", b"reservation_id", "resumed", b"resumed", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1112,22 +1120,26 @@ class MeterGranted(_message.Message):
     GRANTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     CAPPED_BY_FIELD_NUMBER: _builtins.int
+    REPORT_AT_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     granted_output_tokens: _builtins.int
     final: _builtins.bool
     """As in MeterOpened. Sent with an unchanged grant when an extension is refused early
     (before the stream reaches its grant), so that the client learns it is final.
     """
     capped_by: _builtins.str
+    report_at_output_tokens: _builtins.int
+    """as in MeterOpened, for the new grant"""
     def __init__(
         self,
         *,
         granted_output_tokens: _builtins.int = ...,
         final: _builtins.bool = ...,
         capped_by: _builtins.str = ...,
+        report_at_output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capped_by", b"capped_by", "final", b"final", "granted_output_tokens", b"granted_output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capped_by", b"capped_by", "final", b"final", "granted_output_tokens", b"granted_output_tokens", "report_at_output_tokens", b"report_at_output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
