@@ -307,9 +307,10 @@ class Meter:
         self.granted_output_tokens = granted_output_tokens
         self.grant_final, self._capped_by = final, capped_by
         self.report_at_output_tokens = report_at
-        if self._usage.output_tokens >= report_at:
-            self._dirty.set()  # counted past the new mark while the notice was on its way
-        self._cut_at_final_grant()  # counted past it while the notice was on its way
+        # Counted past the new mark, or the final grant, while the notice was on its way.
+        if self._usage.output_tokens >= report_at > 0:
+            self._dirty.set()  # rather than at the end of a quiet interval
+        self._cut_at_final_grant()
 
     async def _supervise(self, call: MeterCall) -> None:
         """Pump the stream; when it breaks, resume it with backoff until finished."""

@@ -31,21 +31,10 @@ def _no_nan(text: str) -> Any:
     raise ValueError(f"{text} is not valid JSON")
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(150)
-def test_smoke_mode_writes_every_measure(tmp_path: Path) -> None:
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m <args>` from the repository, as a user runs a benchmark; it must succeed."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.run",
-            "--mode",
-            "smoke",
-            "--name",
-            "smoke",
-            "--results-dir",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -53,6 +42,15 @@ def test_smoke_mode_writes_every_measure(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_smoke_mode_writes_every_measure(tmp_path: Path) -> None:
+    done = run_bench(
+        "bench.run", "--mode", "smoke", "--name", "smoke", "--results-dir", str(tmp_path)
+    )
     document = json.loads((tmp_path / "smoke.json").read_text(), parse_constant=_no_nan)
 
     assert document["mode"] == "smoke"
@@ -98,6 +96,7 @@ def test_smoke_mode_writes_every_measure(tmp_path: Path) -> None:
         "ledger_equals_sent",
     }
     assert overage["bare"]["aborted"] > 0
+    assert overage["client_cpu_us_per_token"] > 0
 
     cost = measures["client_cost"]
     assert cost["incremental_us_per_chunk"] > 0
@@ -110,3 +109,22 @@ def test_smoke_mode_writes_every_measure(tmp_path: Path) -> None:
 
     assert document["table"][0].startswith("measure")
     assert "results:" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_client_path_compares_the_sdk_alone_with_the_metered_sdk(tmp_path: Path) -> None:
+    """bench/client_path.py: each variant streams in a client process of its own, also from
+    another checkout (here this one again, as --compare-with would name an older one)."""
+    output = tmp_path / "client_path.json"
+    done = run_bench(
+        "bench.client_path",
+        *("--rounds", "1", "--streams", "2", "--tokens", "30", "--rate", "300"),
+        *("--compare-with", str(ROOT), "--json", str(output)),
+    )
+    figures = json.loads(output.read_text(), parse_constant=_no_nan)
+    medians = figures["median_us_per_chunk"]
+    assert set(medians) == {"sdk", "metered", f"metered@{ROOT}"}
+    assert all(value > 0 for value in medians.values())
+    assert set(figures["overhead_vs_sdk"]) == {"metered", f"metered@{ROOT}"}
+    assert "over the SDK alone" in done.stdout
