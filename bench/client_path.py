@@ -42,8 +42,9 @@ REPO = SCRIPT.parent.parent
 
 
 async def stream_all(args: argparse.Namespace) -> dict[str, Any]:
-    """One client process: imports only openai and budget_client (from PYTHONPATH), so an
-    older checkout can be measured with this same script."""
+    """One client process: imports only openai, budget_client and bench.common (from
+    PYTHONPATH, which every checkout since the benchmarks began has), so an older checkout
+    can be measured with this same script."""
     import openai
 
     from budget_client import BudgetClient, wrap_openai
