@@ -44,8 +44,9 @@ TARGET_MAX_TOKENS = 2
 
 async def run_crew(
     crew: Crew, commands: list[dict[str, Any]], pids: dict[str, int]
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run the slots; also what CPU each process used meanwhile (share of one core)."""
+) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    """Run the slots; also what CPU each process used meanwhile (share of one core), and
+    the client processes' CPU seconds in all."""
     cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
     started = time.perf_counter()
     answers = await crew.command(commands, 900)
@@ -57,19 +58,17 @@ async def run_crew(
         "cpu_share_of_a_core": shares,
         "cpu_total_cores": round(sum(shares.values()), 2),
         "loadavg_1min_after": os.getloadavg()[0],
-        "client_cpu_s": sum(s for n, s in used.items() if n.startswith("client_")),
     }
-    return answers, load
+    client_cpu_s = sum(s for n, s in used.items() if n.startswith("client_"))
+    return answers, load, client_cpu_s
 
 
-def per_token(load: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+def per_token(client_cpu_s: float, records: list[dict[str, Any]]) -> float | None:
     """The clients' CPU per token the fake sent them: what keeping up with the provider
     costs. A client short of it reads behind, and what it has not read at the cut is
     overage; 64 streams at 50 tokens/s need 3,200 x this per second of the machine."""
     tokens = sum(int(r["tokens_sent"]) for r in records)
-    client_cpu_s = load.pop("client_cpu_s")
-    load["client_cpu_us_per_token"] = rounded(client_cpu_s / tokens * 1e6) if tokens else None
-    return load
+    return rounded(client_cpu_s / tokens * 1e6) if tokens else None
 
 
 async def measure(run: Run) -> dict[str, Any]:
@@ -124,11 +123,11 @@ async def measure(run: Run) -> dict[str, Any]:
             pids = {"budgetd": budgetd.pid, "fake_openai": fake.pid} | {
                 f"client_{i}": pid for i, pid in enumerate(crew.pids)
             }
-            answers, load = await run_crew(crew, commands, pids)
+            answers, load, client_cpu_s = await run_crew(crew, commands, pids)
             streams += [s for a in answers for s in a["streams"]]
             errors += [e for a in answers for e in a["first_errors"]]
             sent = await fake_records(fake)
-            loads.append(per_token(load, sent))
+            loads.append(load | {"client_cpu_us_per_token": per_token(client_cpu_s, sent)})
             records |= {r["request_id"]: r for r in sent}
             reservations |= {r.id: r for r in await list_reservations(budgetd, budget_id)}
             budget = await get_budget(budgetd, budget_id)
@@ -146,11 +145,15 @@ async def measure(run: Run) -> dict[str, Any]:
             bare_pids = {"bare": bare.pid, "fake_openai": fake.pid} | {
                 f"client_{i}": pid for i, pid in enumerate(bare_crew.pids)
             }
-            bare_answers, bare_load = await run_crew(bare_crew, bare_commands, bare_pids)
+            bare_answers, bare_load, bare_cpu_s = await run_crew(
+                bare_crew, bare_commands, bare_pids
+            )
             bare_streams += [s for a in bare_answers for s in a["streams"]]
             errors += [e for a in bare_answers for e in a["first_errors"]]
             bare_sent = await fake_records(fake)
-            bare_loads.append(per_token(bare_load, bare_sent))
+            bare_loads.append(
+                bare_load | {"client_cpu_us_per_token": per_token(bare_cpu_s, bare_sent)}
+            )
             bare_records |= {r["request_id"]: r for r in bare_sent}
             await clear_fake_records(fake)
     result = summarize(run, streams, records, reservations, ledger, errors)

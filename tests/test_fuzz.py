@@ -84,6 +84,7 @@ from tests.support.meter import (
     next_event,
     open_request,
     open_stream,
+    refill_mark,
     usage_request,
     wait_session_usage,
     wait_until,
@@ -108,7 +109,7 @@ def report_mark(grant: int, final: bool, max_output: int) -> int:
     grow (final, or reaching max_output_tokens), at any other its refill mark."""
     if final or (max_output and grant >= max_output):
         return grant
-    return -(-grant * POLICY.refill_at_pct // 100)
+    return refill_mark(grant)
 
 
 AFTER_EVERYTHING_S = 25 * 3600  # past TTL_MAX_MS: every reservation left has expired

@@ -25,6 +25,7 @@ from tests.support.meter import (
     next_event,
     open_request,
     open_stream,
+    refill_mark,
     reservation_row,
     sql_statements,
     usage_request,
@@ -37,11 +38,6 @@ from tests.support.servers import Stubs
 POLICY = GrantPolicy()
 INITIAL = POLICY.initial_output_tokens  # 256
 RESUME_WINDOW_US = POLICY.resume_window_ms * 1000
-
-
-def refill_mark(grant: int) -> int:
-    """The first output count at which the server extends a grant in the background."""
-    return -(-grant * POLICY.refill_at_pct // 100)
 
 
 def kinds(entries: list[pb.LedgerEntry]) -> list[str]:

@@ -138,9 +138,9 @@ class RawPg:
 # `reservation_holds`. `python -m bench.ledger_groups --db postgres --rounds 6 --seconds 6`:
 # 1,000 budgets fell from 1,363 to 768 reserve+commit/s over six rounds (now 1,662 to
 # 1,426), and one hot budget after them ran at 511-555/s (now 1,446-2,723/s). Sequential
-# scans are disabled for these
-# transactions only (SET LOCAL; the admin and report queries keep them); a table without
-# a usable index would still be scanned, the setting only prices the scan out.
+# scans are disabled for these transactions only (SET LOCAL; the admin and report queries
+# keep them); a table without a usable index would still be scanned, the setting only
+# prices the scan out.
 BEGIN = "BEGIN; SET LOCAL enable_seqscan = off"
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Row
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.app import BudgetServer
 from budget_server.db.schema import reservations
+from budget_server.meter.policy import GrantPolicy
 from budget_server.meter.session import MeterSession
 from tests.support.ledger import all_entries
 from tests.support.servers import Stubs
@@ -28,6 +29,15 @@ WAIT_S = 5.0
 """Longest wait for anything a test expects the server to do (each test stays under it)."""
 
 MeterCall = grpc.aio.StreamStreamCall[pb.MeterRequest, pb.MeterEvent]
+
+
+DEFAULT_POLICY = GrantPolicy()
+
+
+def refill_mark(grant: int) -> int:
+    """The first output count at which a server on the default policy extends a grant in
+    the background (and the report mark it names for a grant that can still grow)."""
+    return -(-grant * DEFAULT_POLICY.refill_at_pct // 100)
 
 
 def open_request(
