@@ -18,6 +18,7 @@ import grpc
 
 from budget_client._config import ClientConfig, FailPolicy
 from budget_client._errors import BudgetError, BudgetUnavailable, ReservationError
+from budget_client._grpc_wakeup import drain_wakeups_on
 from budget_client._meter import Meter
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
@@ -85,6 +86,10 @@ class BudgetClient:
             raise RuntimeError("the BudgetClient is closed")
         if self._budget is None:
             self._channel = open_channel(self.config)
+            if self.config.drain_grpc_wakeups:
+                # A busy app loop would otherwise hold back this process's gRPC
+                # completions for seconds at a time (see _grpc_wakeup).
+                drain_wakeups_on(asyncio.get_running_loop())
             self._budget = pb_grpc.BudgetServiceStub(self._channel)
             self.state = "open"
             if self.spool.entries():

@@ -42,6 +42,10 @@ class ClientConfig:
     """How often a meter sends its count while it is below budgetd's report mark, where
     budgetd only keeps it (from the mark on, every change goes at once). What a crash of
     the app loses from the charge is at most this much of the response."""
+    drain_grpc_wakeups: bool = True
+    """Work around grpc.aio holding back completions from a busy event loop for seconds
+    (budget_client/_grpc_wakeup.py). It reaches into grpc's internals, checked first; this
+    turns it off."""
     replay_interval_s: float = 2.0
     """How often spooled usage is retried while budgetd is away."""
     api_key: str | None = field(default_factory=lambda: os.environ.get("BUDGETD_API_KEY"))
