@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from budget_client._client import BudgetClient
 from budget_client._errors import BudgetExceeded
@@ -32,6 +32,7 @@ from budget_client._types import Usage
 log = logging.getLogger("budget_client.openai")
 
 ClientT = TypeVar("ClientT")
+MeterT = TypeVar("MeterT", Meter, SyncMeter)
 
 
 class _Counts(Protocol):
@@ -126,6 +127,14 @@ class _RequestPlan:
 COUNT_AFTER_CUT_S = 1.0
 
 
+# A backlog of chunks (a client reading behind its provider) parses without a single
+# await that suspends, so the meter's stream to budgetd (usage out, abort in) would wait
+# for the whole backlog; every this many chunks the iteration lets it run. Not every chunk:
+# a loop turn costs ~5 % of what the SDK spends on a chunk, and the read suspends by itself
+# whenever it is not behind.
+YIELD_EVERY_CHUNKS = 8
+
+
 def _shutdown_socket(response: Any, how: int) -> None:
     """Shut the connection's socket (`how` as in socket.shutdown), synchronously.
 
@@ -148,28 +157,57 @@ def _shutdown_socket(response: Any, how: int) -> None:
         duplicate.shutdown(how)
 
 
-# ----------------------------------------------------------------------------- async
+class _CutOff(Generic[MeterT]):
+    """The cut-off both stream flavours share: half-close the connection in the abort
+    callback, then shut it for good if the provider is still sending COUNT_AFTER_CUT_S later.
 
+    The read is never interrupted otherwise: after the half-close the provider ends the
+    response, the read returns what it sent meanwhile (counted, never handed on), and the
+    iteration ends by itself. So a chunk costs one read, with no task or race against the
+    abort: on a client short of CPU that was the difference between keeping up with the
+    provider and reading behind it (docs/design.md), and what a client reads behind is
+    overage when the cut comes.
+    """
 
-class MeteredAsyncStream:
-    """An openai AsyncStream that is counted, and cut off when the budget is gone."""
-
-    def __init__(self, stream: Any, meter: Meter, hide_usage_chunk: bool) -> None:
+    def __init__(self, stream: Any, meter: MeterT, hide_usage_chunk: bool) -> None:
         self._stream = stream
-        self.meter = meter
+        self.meter: MeterT = meter
         self._hide_usage_chunk = hide_usage_chunk
-        self._aborted = asyncio.Event()
         self._reading = True  # the connection is still ours: not yet ended, pooled or closed
         meter.on_abort(self._cut_off)
 
+    def _count_and_hand_on(self, chunk: Any) -> bool:
+        """Count `chunk`; whether the app gets it. Not after the cut: the provider sent it
+        before it saw the close, so it is counted (and billed) but not handed on; nor the
+        usage-only chunk the app did not ask for."""
+        count_chunk(self.meter, chunk)
+        if self.meter.aborted is not None:
+            return False
+        return not (self._hide_usage_chunk and not chunk.choices)
+
     def _cut_off(self, _error: BudgetExceeded) -> None:
+        """On the client's event loop (in the sync flavour, the app's thread may be blocked
+        reading meanwhile)."""
         if self._reading:
             _shutdown_socket(self._stream.response, socket.SHUT_WR)
-        self._aborted.set()
+            asyncio.get_running_loop().call_later(COUNT_AFTER_CUT_S, self._stop_reading)
+
+    def _stop_reading(self) -> None:
+        if self._reading:  # the provider kept sending: end the read blocked on it
+            _shutdown_socket(self._stream.response, socket.SHUT_RDWR)
+            if self.meter.aborted is not None:
+                self.meter.aborted.uncounted_tail = True
 
     @property
     def response(self) -> Any:
         return self._stream.response
+
+
+# ----------------------------------------------------------------------------- async
+
+
+class MeteredAsyncStream(_CutOff[Meter]):
+    """An openai AsyncStream that is counted, and cut off when the budget is gone."""
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
@@ -187,55 +225,31 @@ class MeteredAsyncStream:
         await self.meter.finish()
 
     async def _iterate(self) -> AsyncIterator[Any]:
-        upstream = self._stream.__aiter__()
-        abort_wait = asyncio.ensure_future(self._aborted.wait())
+        finished = False
+        unyielded = 0
         try:
-            while True:
-                step = asyncio.ensure_future(upstream.__anext__())
-                done, _ = await asyncio.wait(
-                    (step, abort_wait), return_when=asyncio.FIRST_COMPLETED
-                )
-                if abort_wait in done:
-                    # The abort wins even over chunks already buffered: they are counted,
-                    # but the app must not read on past the budget.
-                    await self._end_cut_off(upstream, step)
-                try:
-                    chunk = step.result()
-                except StopAsyncIteration:
-                    break
-                count_chunk(self.meter, chunk)
-                if self._aborted.is_set():  # this chunk reached a final grant
-                    await self._end_cut_off(upstream, None)
-                if self._hide_usage_chunk and not chunk.choices:
-                    continue
-                yield chunk
+            try:
+                async for chunk in self._stream:
+                    handed_on = self._count_and_hand_on(chunk)
+                    unyielded += 1
+                    if unyielded == YIELD_EVERY_CHUNKS:
+                        unyielded = 0
+                        await asyncio.sleep(0)
+                    if handed_on:
+                        yield chunk
+            except Exception:
+                if self.meter.aborted is None:
+                    raise  # a real upstream failure, not our shutdown of the socket
+            self._reading = False
+            await self._stream.close()
+            await self.meter.finish()
+            finished = True
+            self.meter.raise_if_aborted()
         finally:
             self._reading = False
-            abort_wait.cancel()
-            if self.meter.committed is None:
+            if not finished:
                 await self._stream.close()
                 await self.meter.finish()
-
-    async def _end_cut_off(
-        self, upstream: AsyncIterator[Any], step: asyncio.Future[Any] | None
-    ) -> NoReturn:
-        """Count what the provider sent before it saw the close, then close and commit."""
-        try:
-            async with asyncio.timeout(COUNT_AFTER_CUT_S):
-                if step is not None:
-                    count_chunk(self.meter, await step)
-                async for chunk in upstream:
-                    count_chunk(self.meter, chunk)
-        except TimeoutError:  # the provider kept sending; the close below shuts it out
-            assert self.meter.aborted is not None
-            self.meter.aborted.uncounted_tail = True
-        except Exception:  # the end of the response: the provider closed its side too
-            pass
-        self._reading = False
-        await self._stream.close()
-        await self.meter.finish()
-        assert self.meter.aborted is not None
-        raise self.meter.aborted
 
 
 class _AsyncCompletions:
@@ -285,31 +299,8 @@ class _AsyncCompletions:
 # ----------------------------------------------------------------------------- sync
 
 
-class MeteredStream:
+class MeteredStream(_CutOff[SyncMeter]):
     """An openai Stream (sync) that is counted, and cut off when the budget is gone."""
-
-    def __init__(self, stream: Any, meter: SyncMeter, hide_usage_chunk: bool) -> None:
-        self._stream = stream
-        self.meter = meter
-        self._hide_usage_chunk = hide_usage_chunk
-        self._reading = True  # the connection is still ours: not yet ended, pooled or closed
-        meter.on_abort(self._cut_off)
-
-    def _cut_off(self, _error: BudgetExceeded) -> None:
-        """Runs on the client's loop thread, while the app's thread may be blocked reading."""
-        if self._reading:
-            _shutdown_socket(self._stream.response, socket.SHUT_WR)
-            asyncio.get_running_loop().call_later(COUNT_AFTER_CUT_S, self._stop_reading)
-
-    def _stop_reading(self) -> None:
-        if self._reading:  # the provider kept sending: end the read blocked on it
-            _shutdown_socket(self._stream.response, socket.SHUT_RDWR)
-            if self.meter.aborted is not None:
-                self.meter.aborted.uncounted_tail = True
-
-    @property
-    def response(self) -> Any:
-        return self._stream.response
 
     def __iter__(self) -> Iterator[Any]:
         return self._iterate()
@@ -330,12 +321,8 @@ class MeteredStream:
         try:
             try:
                 for chunk in self._stream:
-                    count_chunk(self.meter, chunk)
-                    if self.meter.aborted is not None:
-                        continue  # sent before the provider saw the cut: counted, not handed on
-                    if self._hide_usage_chunk and not chunk.choices:
-                        continue
-                    yield chunk
+                    if self._count_and_hand_on(chunk):
+                        yield chunk
             except Exception:
                 if self.meter.aborted is None:
                     raise  # a real upstream failure, not our shutdown of the socket
