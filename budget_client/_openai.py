@@ -225,7 +225,6 @@ class MeteredAsyncStream(_CutOff[Meter]):
         await self.meter.finish()
 
     async def _iterate(self) -> AsyncIterator[Any]:
-        finished = False
         unyielded = 0
         try:
             try:
@@ -240,16 +239,9 @@ class MeteredAsyncStream(_CutOff[Meter]):
             except Exception:
                 if self.meter.aborted is None:
                     raise  # a real upstream failure, not our shutdown of the socket
-            self._reading = False
-            await self._stream.close()
-            await self.meter.finish()
-            finished = True
-            self.meter.raise_if_aborted()
         finally:
-            self._reading = False
-            if not finished:
-                await self._stream.close()
-                await self.meter.finish()
+            await self.close()  # also when the app stops reading early
+        self.meter.raise_if_aborted()
 
 
 class _AsyncCompletions:
@@ -317,7 +309,6 @@ class MeteredStream(_CutOff[SyncMeter]):
         self.meter.finish()
 
     def _iterate(self) -> Iterator[Any]:
-        finished = False
         try:
             try:
                 for chunk in self._stream:
@@ -326,16 +317,9 @@ class MeteredStream(_CutOff[SyncMeter]):
             except Exception:
                 if self.meter.aborted is None:
                     raise  # a real upstream failure, not our shutdown of the socket
-            self._reading = False
-            self._stream.close()
-            self.meter.finish()
-            finished = True
-            self.meter.raise_if_aborted()
         finally:
-            self._reading = False
-            if not finished:
-                self._stream.close()
-                self.meter.finish()
+            self.close()  # also when the app stops reading early
+        self.meter.raise_if_aborted()
 
 
 class _Completions:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from budget_server.app import BudgetServer
 from tests.support.ledger import assert_ledger_clean, create
 from tests.support.processes import run_module_json
@@ -41,6 +43,7 @@ async def busy_client(server: BudgetServer, tmp_path: Path, budget: str, drain: 
     return result
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])  # the hand-over is gRPC's, not the ledger's
 async def test_a_busy_loop_keeps_its_grpc_completions_flowing(
     server: BudgetServer, api: Stubs, tmp_path: Path
 ) -> None:
