@@ -59,6 +59,34 @@ class ClientConfig:
     tls_key_file: str = ""
     """PEM private key of tls_cert_file."""
 
+    def __post_init__(self) -> None:
+        """Reject a setting that would only fail later, far from where it was made: a
+        negative interval spins a timer, a string spool directory breaks the first outage."""
+        if not isinstance(self.spool_dir, Path):
+            object.__setattr__(self, "spool_dir", Path(self.spool_dir))
+        if isinstance(self.addresses, str):
+            object.__setattr__(self, "addresses", (self.addresses,))
+        if not self.addresses or not all(isinstance(a, str) and a for a in self.addresses):
+            raise ValueError(f"addresses must name at least one host:port, got {self.addresses!r}")
+        if self.fail_policy not in ("open", "closed"):
+            raise ValueError(f"fail_policy must be 'open' or 'closed', got {self.fail_policy!r}")
+        for name in (
+            "timeout_s",
+            "connect_timeout_s",
+            "finish_timeout_s",
+            "usage_report_interval_s",
+            "replay_interval_s",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a number of seconds above 0, got {value!r}")
+        first, largest = self.reconnect_backoff_s
+        if not 0 < first <= largest:
+            raise ValueError(
+                "reconnect_backoff_s must be (first, largest) with 0 < first <= largest, "
+                f"got {self.reconnect_backoff_s!r}"
+            )
+
     @property
     def target(self) -> str:
         """A gRPC target naming every replica (the ipv4: resolver takes a list)."""
