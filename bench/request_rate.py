@@ -41,10 +41,13 @@ async def requests_once(run: Run, crew: Crew, server: Service, shape: str) -> di
         "duration_s": settings.requests_s,
     }
     cpu_before = cpu_s(server.pid)
+    load_cpu_before = sum(cpu_s(pid) for pid in crew.pids)
     answers = await crew.command(command, 600)
     server_cpu_s = cpu_s(server.pid) - cpu_before
+    load_cpu_s = sum(cpu_s(pid) for pid in crew.pids) - load_cpu_before
     completed = sum(a["completed"] for a in answers)
     window_s = answers[0]["window_s"]
+    elapsed_s = window_s + settings.requests_warmup_s  # the window and its warm-up
     return {
         "rate_per_s": completed / window_s,
         "completed": completed,
@@ -52,8 +55,8 @@ async def requests_once(run: Run, crew: Crew, server: Service, shape: str) -> di
         "first_errors": [e for a in answers for e in a["first_errors"]][:3],
         "p50_ms": median([a["p50_ms"] for a in answers]),
         "p99_ms": max(a["p99_ms"] for a in answers),
-        "server_cpu_share": server_cpu_s
-        / (window_s + settings.requests_warmup_s),  # the window and its warm-up
+        "server_cpu_share": server_cpu_s / elapsed_s,
+        "load_cpu_share": load_cpu_s / elapsed_s,
     }
 
 
@@ -191,6 +194,7 @@ def summarize(
     if shape == HOT:
         checks["times_naive"] = times_naive >= TARGET_HOT_TIMES_NAIVE
     errors = sum(r["errors"] for r in mine)
+    cpu_ms = {"budgetd": cpu_ms_per_request(mine), "bare": cpu_ms_per_request(bare)}
     return {
         "backend": backend,
         "shape": shape,
@@ -202,6 +206,14 @@ def summarize(
         "budgetd_p50_ms": rounded(median([r["p50_ms"] for r in mine]), 1),
         "budgetd_p99_ms": rounded(median([r["p99_ms"] for r in mine]), 1),
         "budgetd_cpu_share": rounded(median([r["server_cpu_share"] for r in mine]), 2),
+        "cpu_ms_per_request": {
+            name: {"server": rounded(server, 3), "load_generators": rounded(load, 3)}
+            for name, (server, load) in cpu_ms.items()
+        },
+        "cores_at_gubernator": {
+            name: rounded((server + load) * GUBERNATOR_PER_NODE_PER_S / 1000, 2)
+            for name, (server, load) in cpu_ms.items()
+        },
         "budgetd_errors": errors,
         "first_errors": [e for r in mine for e in r["first_errors"]][:3],
         "runs": {
@@ -217,3 +229,14 @@ def summarize(
         "checks": checks,
         "met": all(checks.values()) and errors == 0,
     }
+
+
+def cpu_ms_per_request(runs: list[dict[str, Any]]) -> tuple[float, float]:
+    """CPU per request of the server and of its load generators (medians over `runs`):
+    what running this pattern at a given rate asks of the machine. The load generators
+    are real gRPC clients and cost about as much as the bare server they load."""
+
+    def per_request(share_key: str) -> float:
+        return median([1000 * r[share_key] / r["rate_per_s"] for r in runs if r["rate_per_s"]])
+
+    return per_request("server_cpu_share"), per_request("load_cpu_share")

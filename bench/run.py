@@ -165,11 +165,14 @@ def table_rows(results: dict[str, Any]) -> Iterator[Row]:
                 "(naive, for reference)",
                 "",
             )
+        # What 2,000/s would take of the machine: server and load generators, per request.
+        cores = row.get("cores_at_gubernator", {})
+        bare_cores = f"; bare {_n(cores.get('bare'))} cores" if cores else ""
         yield (
             "",
             config,
-            "",
-            "Gubernator 2,000/s",
+            f"2,000/s: {_n(cores.get('budgetd'))} cores" if cores else "",
+            f"Gubernator 2,000/s{bare_cores}",
             "",
             targets["past_gubernator"],
             _yes(checks["past_gubernator"]),

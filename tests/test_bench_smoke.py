@@ -75,6 +75,12 @@ def test_smoke_mode_writes_every_measure(tmp_path: Path) -> None:
         assert row["naive_rate_per_s"] >= 0
         assert row["budgetd_errors"] == 0, row["first_errors"]
         assert set(row["checks"]) >= {"share_of_bare", "past_gubernator"}
+        # What 2,000 requests/s would ask of the machine, from CPU measured per request.
+        bare_cpu = row["cpu_ms_per_request"]["bare"]
+        assert bare_cpu["server"] > 0
+        assert bare_cpu["load_generators"] > 0
+        expected_cores = (bare_cpu["server"] + bare_cpu["load_generators"]) * 2
+        assert abs(row["cores_at_gubernator"]["bare"] - expected_cores) < 0.01
 
     for row in measures["abort_latency"]["rows"]:
         assert row["budgetd"]["not_aborted"] == 0
