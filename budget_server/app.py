@@ -31,6 +31,7 @@ from budget_server.clock import Clock, SystemClock
 from budget_server.config import ServerConfig
 from budget_server.db.engine import Database, open_database
 from budget_server.db.migrate import upgrade_to_head
+from budget_server.db.startup_lock import startup_lock
 from budget_server.events.bus import EventBus
 from budget_server.events.pg_listener import listen_forever
 from budget_server.ledger.ledger import Ledger
@@ -89,18 +90,19 @@ class BudgetServer:
         if self.config.insecure:
             require_loopback(self.config.listen)
         self.db = open_database(self.config.db_url, pool_size=self.config.db_pool_size)
-        await upgrade_to_head(self.db)
-        await seed_prices(self.db, self.clock.now_us())
-        self.ledger = Ledger(self.db, self.clock, self.events, self.metrics)
-        # Read before serving, so events from the first call already reach the webhooks.
-        self.webhooks = WebhookDirectory(self.db)
-        await self.webhooks.refresh()
-        self.ledger.publisher.outbox = outbox_writer(self.webhooks)
-        self.keys = KeyStore(self.db, self.clock, self.ledger.publisher)
-        if not self.config.insecure:
-            self.admin_key_path = await self.keys.bootstrap_admin_key(
-                Path(self.config.admin_key_file)
-            )
+        async with startup_lock(self.db):  # replicas started together take turns here
+            await upgrade_to_head(self.db)
+            await seed_prices(self.db, self.clock.now_us())
+            self.ledger = Ledger(self.db, self.clock, self.events, self.metrics)
+            # Read before serving, so events from the first call already reach the webhooks.
+            self.webhooks = WebhookDirectory(self.db)
+            await self.webhooks.refresh()
+            self.ledger.publisher.outbox = outbox_writer(self.webhooks)
+            self.keys = KeyStore(self.db, self.clock, self.ledger.publisher)
+            if not self.config.insecure:
+                self.admin_key_path = await self.keys.bootstrap_admin_key(
+                    Path(self.config.admin_key_file)
+                )
         guard = Guard(None if self.config.insecure else self.keys, self.ledger)
         server = aio.server(
             options=[

@@ -100,8 +100,15 @@ async def server_processes(
 ) -> AsyncIterator[list[ServerProcess]]:
     servers: list[ServerProcess] = []
     try:
-        for _ in range(count):  # one at a time: each runs the migrations on start
-            servers.append(await start_server_process(db_url, *extra_args, insecure=insecure))
+        # Started together, as a deployment starts replicas (they take turns migrating).
+        outcomes = await asyncio.gather(
+            *(start_server_process(db_url, *extra_args, insecure=insecure) for _ in range(count)),
+            return_exceptions=True,
+        )
+        servers.extend(o for o in outcomes if isinstance(o, ServerProcess))
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         yield servers
     finally:
         for server in servers:
