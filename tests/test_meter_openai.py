@@ -12,6 +12,7 @@ event loop, which must stay free to serve it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -30,7 +31,12 @@ from openai.types.chat import (
 )
 
 from budget_client import BudgetClient, BudgetExceeded, SyncBudgetClient, wrap_openai
-from budget_client._openai import COUNT_AFTER_CUT_S, MeteredAsyncStream, count_chunk
+from budget_client._openai import (
+    COUNT_AFTER_CUT_S,
+    YIELD_EVERY_CHUNKS,
+    MeteredAsyncStream,
+    count_chunk,
+)
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_client._tokenizer import count_chat_prompt_tokens, get_encoding_for_model
 from budget_client.testing import FakeOpenAIServer, RequestRecord
@@ -417,6 +423,49 @@ async def test_a_stream_that_fits_is_charged_the_providers_usage(
     figures = await spent(api, budget_id)
     assert (figures.spent, figures.reserved) == (provider_total, 0)
     await assert_ledger_clean(api)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the client's own loop is under test
+async def test_a_backlog_of_chunks_lets_the_event_loop_run_every_few_chunks(
+    api: Stubs, tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    """A client reading behind its provider parses buffered chunks without a read that
+    suspends; the meter's stream to budgetd (usage out, abort in) runs on the same loop,
+    so the iteration must let it run. Counted in loop turns, not timed: a task that
+    yields in a loop runs once for every turn the iteration gives up."""
+    budget_id = "oai:backlog"
+    await create(api, budget_id, 1_000_000)
+    async with (
+        BudgetClient(api.address, spool_dir=tmp_path / "spool") as budgets,
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key="test", max_retries=0) as raw,
+    ):
+        client: Any = wrap_openai(raw, budgets)
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            budget=budget_id,
+            stream=True,
+            extra_headers={"x-fake-tokens": "3000", "x-fake-rate": "0"},
+        )
+        await asyncio.sleep(0.5)  # the whole response waits in the socket: a backlog
+        turns = 0
+        iterating = True
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while iterating:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count_turns())
+        turn_of_each_chunk = [turns async for _chunk in stream]
+        iterating = False
+        await counter
+    assert len(turn_of_each_chunk) > 3000
+    # Chunks handed over within one turn of the loop: never more than YIELD_EVERY_CHUNKS
+    # in a row (the reads alone suspend once per socket buffer, a few hundred chunks).
+    longest = max(len(list(run)) for _, run in itertools.groupby(turn_of_each_chunk))
+    assert longest <= YIELD_EVERY_CHUNKS
 
 
 # ----------------------------------------------------------------------------- 3. non-streamed
