@@ -61,6 +61,14 @@ def limit(value: int) -> int:
     return value
 
 
+def printable(value: str, field: str) -> str:
+    """Refuse control characters in free text the ledger stores and logs: a newline would
+    forge a line of the server's log, and PostgreSQL's text cannot hold a NUL at all."""
+    if not value.isprintable():
+        raise InvalidArgument(f"{field} {value[:80]!r} contains control characters")
+    return value
+
+
 def idempotency_key(value: str) -> str | None:
     if not value:
         return None
@@ -69,7 +77,7 @@ def idempotency_key(value: str) -> str | None:
             f"idempotency_key is {len(value)} characters; the maximum is "
             f"{IDEMPOTENCY_KEY_LENGTH_MAX}"
         )
-    return value
+    return printable(value, "idempotency_key")
 
 
 def model(value: str) -> str:
@@ -77,7 +85,9 @@ def model(value: str) -> str:
         raise InvalidArgument(
             f"model is {len(value)} characters; the maximum is {MODEL_LENGTH_MAX}"
         )
-    return value
+    if any(char.isspace() for char in value):  # as a price's name (pricing/litellm.py)
+        raise InvalidArgument(f"model {value[:80]!r} contains spaces")
+    return printable(value, "model")
 
 
 def labels(values: Mapping[str, str]) -> dict[str, str]:
@@ -92,6 +102,8 @@ def labels(values: Mapping[str, str]) -> dict[str, str]:
             raise InvalidArgument(
                 f"label {key!r} is {len(value)} characters; the maximum is {LABEL_VALUE_LENGTH_MAX}"
             )
+        printable(key, "label key")
+        printable(value, f"label {key!r}")
     return dict(values)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import grpc
 import pytest
 
@@ -72,6 +74,27 @@ BAD_RESERVES = [
         pb.ReserveRequest(budget_id="bad:x", amount=5, idempotency_key="k" * 500),
         INVALID,
         "idempotency_key",
+    ),
+    # Control characters would forge lines of the server's log; PostgreSQL cannot store a NUL.
+    (
+        pb.ReserveRequest(budget_id="bad:x", amount=5, idempotency_key="k\x00"),
+        INVALID,
+        "idempotency_key 'k\\x00' contains control characters",
+    ),
+    (
+        pb.ReserveRequest(budget_id="bad:x", amount=5, model="gpt\n2026 ERROR forged"),
+        INVALID,
+        "contains spaces",
+    ),
+    (
+        pb.ReserveRequest(budget_id="bad:x", amount=5, model="gpt\x07"),
+        INVALID,
+        "contains control characters",
+    ),
+    (
+        pb.ReserveRequest(budget_id="bad:x", amount=5, labels={"team": "a\nb"}),
+        INVALID,
+        "label 'team'",
     ),
 ]
 
@@ -156,6 +179,17 @@ BAD_BUDGETS = [
         INVALID,
         "unknown time zone",
     ),
+    # A directory of the zone database, and a name too long for a file: not UNAVAILABLE.
+    (
+        pb.CreateBudgetRequest(id="a", unit=pb.UNIT_TOKENS, limit=1, time_zone="America"),
+        INVALID,
+        "unknown time zone 'America'",
+    ),
+    (
+        pb.CreateBudgetRequest(id="a", unit=pb.UNIT_TOKENS, limit=1, time_zone="x" * 300),
+        INVALID,
+        "unknown time zone",
+    ),
     (
         pb.CreateBudgetRequest(id="a", unit=pb.UNIT_TOKENS, limit=1, alert_thresholds_pct=[0]),
         INVALID,
@@ -194,6 +228,12 @@ async def test_bad_admin_queries(api: Stubs) -> None:
         api.admin.ListLedgerEntries(pb.ListLedgerEntriesRequest(page_size=-1)),
         api.admin.UpdateBudget(pb.UpdateBudgetRequest(id="nothing-to-do")),
         api.admin.ListReservations(pb.ListReservationsRequest(state=42)),
+        # Numbers past int64, and digits that are not ASCII ("²"): not tokens it issued.
+        api.admin.ListLedgerEntries(pb.ListLedgerEntriesRequest(page_token=_token("9" * 23))),
+        api.admin.ListLedgerEntries(pb.ListLedgerEntriesRequest(page_token=_token("²"))),
+        api.admin.ListReservations(pb.ListReservationsRequest(page_token=_token("9" * 23 + ":x"))),
+        api.admin.ListReservations(pb.ListReservationsRequest(page_token=_token("²:x"))),
+        api.admin.ListAlerts(pb.ListAlertsRequest(page_token=_token(f'[{10**30}, "a", 50]'))),
     ]
     for call in cases:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -204,10 +244,33 @@ async def test_bad_admin_queries(api: Stubs) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def _token(text: str) -> str:
+    return base64.b64encode(text.encode(), altchars=b"-_").decode()
+
+
+async def test_charging_usage_of_no_tokens_is_refused(api: Stubs) -> None:
+    await create(api, "bad:z", 1000)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.budget.Charge(
+            pb.ChargeRequest(budget_id="bad:z", usage=pb.Usage(), idempotency_key="zero")
+        )
+    assert caught.value.code() == INVALID
+    assert "at least one token" in (caught.value.details() or "")
+    assert [e.kind for e in await all_entries(api, "bad:z")] == [pb.ENTRY_KIND_LIMIT]
+
+
+async def test_a_key_name_with_control_characters_is_refused(api: Stubs) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.admin.CreateKey(pb.CreateKeyRequest(name="k\x00", scopes=["read:*"]))
+    assert caught.value.code() == INVALID
+    assert "contains control characters" in (caught.value.details() or "")
+
+
 async def test_listing_an_unknown_budget_is_not_found(api: Stubs) -> None:
     calls = [
         api.admin.ListReservations(pb.ListReservationsRequest(budget_id="typo")),
         api.admin.ListLedgerEntries(pb.ListLedgerEntriesRequest(budget_id="typo")),
+        api.admin.ListAlerts(pb.ListAlertsRequest(budget_id="typo")),
         api.admin.VerifyLedger(pb.VerifyLedgerRequest(budget_id="typo")),
     ]
     for call in calls:
@@ -225,3 +288,29 @@ async def test_update_with_an_unspecified_mode_is_refused(api: Stubs) -> None:
     assert caught.value.code() == INVALID
     budget = (await api.admin.GetBudget(pb.GetBudgetRequest(budget_id="soft:keep"))).budget
     assert budget.mode == pb.MODE_SOFT
+
+
+async def test_an_idempotency_key_replays_only_the_kind_of_call_that_used_it(api: Stubs) -> None:
+    """A Charge answered with a pending reservation's replay would report a charge that
+    was never made; a Reserve answered with a finished charge would get no grant."""
+    await create(api, "bad:keys", 1000)
+    await api.budget.Reserve(
+        pb.ReserveRequest(budget_id="bad:keys", amount=100, idempotency_key="r")
+    )
+    await api.budget.Charge(pb.ChargeRequest(budget_id="bad:keys", amount=7, idempotency_key="c"))
+    before = await all_entries(api)
+    calls = [
+        api.budget.Charge(pb.ChargeRequest(budget_id="bad:keys", amount=7, idempotency_key="r")),
+        api.budget.Reserve(pb.ReserveRequest(budget_id="bad:keys", amount=5, idempotency_key="c")),
+    ]
+    for call, used_by in zip(calls, ("a reservation", "a charge"), strict=True):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"already names {used_by}" in (caught.value.details() or "")
+    replayed = await api.budget.Charge(
+        pb.ChargeRequest(budget_id="bad:keys", amount=7, idempotency_key="c")
+    )
+    assert (replayed.replayed, replayed.charged) == (True, 7)
+    assert await all_entries(api) == before
+    await assert_ledger_clean(api)

@@ -395,6 +395,10 @@ class LedgerMachine(RuleBasedStateMachine):
             self.entries(0)
             return
         earlier = self.model.keys.get((budget.id, request.idempotency_key))
+        if earlier is not None and self.model.reservations[earlier].made_by_charge:
+            self.expect(outcome, "FAILED_PRECONDITION", "Reserve with a Charge's key", response)
+            self.entries(0)
+            return
         if earlier is not None:
             self.expect(outcome, "OK", "Reserve replay", response)
             assert response.replayed
@@ -769,8 +773,12 @@ class LedgerMachine(RuleBasedStateMachine):
         earlier = self.model.keys.get((budget.id, request.idempotency_key))
         overflowing = earlier is None and self.model.overflows(chain, amount)
         outcome, response = code_of(lambda: self.run.budget.Charge(request, timeout=RPC_S))
-        if key is None or (amount == 0 and not with_usage):
+        if key is None or amount == 0:  # usage of no tokens is refused as an amount of 0 is
             self.expect(outcome, "INVALID_ARGUMENT", "Charge without key or amount", response)
+            self.entries(0)
+            return
+        if earlier is not None and not self.model.reservations[earlier].made_by_charge:
+            self.expect(outcome, "FAILED_PRECONDITION", "Charge with a Reserve's key", response)
             self.entries(0)
             return
         if earlier is not None:
@@ -793,6 +801,7 @@ class LedgerMachine(RuleBasedStateMachine):
             hold=0,
             expires_at_us=self.now_us,
             key=request.idempotency_key,
+            made_by_charge=True,
         )
         self.model.reservations[res.id] = res
         self.model.keys[(budget.id, res.key)] = res.id

@@ -6,6 +6,11 @@ import grpc
 import pytest
 
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
+from budget_server.app import BudgetServer
+from budget_server.clock import ManualClock
+from budget_server.ledger.model import RecordUsageOp, ReserveOp
+from budget_server.ledger.sweeper import sweep_once
+from budget_server.ledger.usage import Usage
 from tests.support.ledger import all_entries, assert_ledger_clean, create, exhausted_detail
 from tests.support.servers import Stubs
 
@@ -258,3 +263,45 @@ async def test_admin_listings_paginate(api: Stubs) -> None:
         pb.ListLedgerEntriesRequest(budget_id="list:0", kind=pb.ENTRY_KIND_RESERVE)
     )
     assert [e.amount for e in reserves.entries] == [10, 11, 12, 13, 14]
+
+
+async def test_an_expiry_whose_usage_cannot_be_charged_still_ends_the_reservation(
+    server: BudgetServer, api: Stubs, clock: ManualClock
+) -> None:
+    """A meter stream's last usage is what its reservation is charged on expiry. Two
+    streams that each reported 2**62 tokens: the first expiry is charged that; the second
+    would push `spent` past int64, so it is charged what it held, and it ends. It used to
+    stay PENDING, the sweeper retrying it every second and the hold blocking deletion."""
+    await create(api, "expiry:absurd", 100_000)
+    held = []
+    for _ in range(2):
+        reserved = await server.ledger.reserve(
+            ReserveOp(
+                budget_id="expiry:absurd",
+                amount=256,
+                estimate=None,
+                model="",
+                ttl_ms=1_000,
+                idempotency_key=None,
+                labels={},
+            )
+        )
+        held.append(reserved.reservation.id)
+        await server.ledger.record_usage(
+            RecordUsageOp(reservation_id=reserved.reservation.id, usage=Usage(output_tokens=2**62))
+        )
+    clock.advance(seconds=2)
+    assert await sweep_once(server.ledger, clock) == 2
+
+    ended = {
+        r.id: r
+        for r in (
+            await api.admin.ListReservations(pb.ListReservationsRequest(budget_id="expiry:absurd"))
+        ).reservations
+    }
+    assert {ended[i].state for i in held} == {pb.RESERVATION_STATE_EXPIRED}
+    assert sorted(ended[i].charged for i in held) == [256, 2**62]
+    budget = (await api.budget.GetBudget(pb.GetBudgetRequest(budget_id="expiry:absurd"))).budget
+    assert (budget.spent, budget.reserved) == (2**62 + 256, 0)
+    await assert_ledger_clean(api)
+    await api.admin.DeleteBudget(pb.DeleteBudgetRequest(id="expiry:absurd"))

@@ -359,6 +359,8 @@ async def test_import_refuses_malformed_files(api: Stubs) -> None:
         b"[1, 2]": "JSON object",
         b'{"m": {"mode": "chat", "input_cost_per_token": NaN}}': "NaN",
         b"{}" + b" " * IMPORT_BYTES_MAX: "maximum",
+        b"[" * 100_000 + b"]" * 100_000: "nests its JSON too deeply",
+        b'{"m": {"mode": "chat", "input_cost_per_token": 1' + b"0" * 5000 + b"}}": "too long",
     }
     for raw, words in cases.items():
         with pytest.raises(grpc.aio.AioRpcError) as caught:

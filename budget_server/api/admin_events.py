@@ -16,7 +16,12 @@ from budget_server.api.status import abort, unary
 from budget_server.db.schema import alerts
 from budget_server.errors import InvalidArgument, Overloaded
 from budget_server.events.bus import SubscriberLagged
-from budget_server.ledger.admin import decode_page_token, encode_page_token, page_size
+from budget_server.ledger.admin import (
+    decode_page_token,
+    encode_page_token,
+    page_size,
+    require_budget,
+)
 from budget_server.limits import ID_LENGTH_MAX
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -56,11 +61,15 @@ class EventAdmin(AdminBase):
         if request.page_token:
             try:
                 fired, budget_id, threshold = json.loads(decode_page_token(request.page_token))
-                after = tuple_(*order) > tuple_(int(fired), str(budget_id), int(threshold))
+                fired, threshold = int(fired), int(threshold)
             except (ValueError, TypeError) as exc:
                 raise InvalidArgument("page_token is not one this server issued") from exc
-            query = query.where(after)
+            if not (0 <= fired < 2**63 and 0 <= threshold < 2**31):  # what SQL can compare
+                raise InvalidArgument("page_token is not one this server issued")
+            query = query.where(tuple_(*order) > tuple_(fired, str(budget_id), threshold))
         async with self.ledger.db.read() as conn:
+            if request.budget_id:  # an unknown budget is NOT_FOUND, not an empty page
+                await require_budget(conn, request.budget_id)
             rows = (await conn.execute(query)).all()
         token = ""
         if len(rows) > size:

@@ -131,6 +131,8 @@ class BudgetService(pb_grpc.BudgetServiceServicer):
         usage = usage_from_pb(request.usage) if request.HasField("usage") else None
         if usage is not None and request.amount:
             raise InvalidArgument("give either usage or amount to charge, not both")
+        if usage is not None and usage.is_zero:  # as an amount of 0 is refused
+            raise InvalidArgument("the usage to charge must count at least one token")
         amount = validation.amount(request.amount) if usage is None else 0
         result = await self.ledger.charge(
             ChargeOp(

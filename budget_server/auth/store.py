@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import func, insert, select, update
 
+from budget_server import validation
 from budget_server.auth.keys import (
     Scope,
     new_key,
@@ -112,6 +113,7 @@ class KeyStore:
     async def create(self, name: str, scopes: list[str] | tuple[str, ...]) -> tuple[KeyRecord, str]:
         if not name or len(name) > KEY_NAME_LENGTH_MAX:
             raise InvalidArgument(f"a key's name must be 1-{KEY_NAME_LENGTH_MAX} characters")
+        validation.printable(name, "a key's name")
         parsed = parse_scopes(tuple(scopes))
         key_id, whole_key, digest = new_key()
         now_us = self._clock.now_us()

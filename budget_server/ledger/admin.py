@@ -114,7 +114,7 @@ async def _locked_budget(conn: AsyncConnection, db: Database, budget_id: str) ->
     return BudgetState.from_row(row)
 
 
-async def _require_budget(conn: AsyncConnection, budget_id: str) -> None:
+async def require_budget(conn: AsyncConnection, budget_id: str) -> None:
     """Listing an unknown budget is NOT_FOUND, not an empty page that hides a typo."""
     row = (
         await conn.execute(
@@ -364,6 +364,14 @@ def decode_page_token(token: str) -> str:
     return decoded
 
 
+def _page_token_number(text: str) -> int:
+    """The position a page token carries (an id or a time in µs), which the server wrote
+    as ASCII digits of an int64; anything else is a token it did not issue."""
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**63:
+        raise InvalidArgument("page_token is not one this server issued")
+    return int(text)
+
+
 async def list_budgets(
     db: Database, prefix: str, size: int, token: str, now_us: int
 ) -> tuple[list[BudgetView], str]:
@@ -404,16 +412,14 @@ async def list_reservations(
         query = query.where(PENDING if state == "PENDING" else reservations.c.state == state)
     if token:
         created_text, _, last_id = decode_page_token(token).partition(":")
-        if not created_text.isdigit():
-            raise InvalidArgument("page_token is not one this server issued")
-        created = int(created_text)
+        created = _page_token_number(created_text)
         query = query.where(
             (reservations.c.created_at_us > created)
             | ((reservations.c.created_at_us == created) & (reservations.c.id > last_id))
         )
     async with db.read() as conn:
         if budget_id:
-            await _require_budget(conn, budget_id)
+            await require_budget(conn, budget_id)
         rows = list((await conn.execute(query)).all())
     next_token = ""
     if len(rows) > size:
@@ -446,13 +452,11 @@ async def list_entries(
     if until_us:
         query = query.where(ledger_entries.c.created_at_us < until_us)
     if token:
-        last = decode_page_token(token)
-        if not last.isdigit():
-            raise InvalidArgument("page_token is not one this server issued")
-        query = query.where(ledger_entries.c.id > int(last))
+        last = _page_token_number(decode_page_token(token))
+        query = query.where(ledger_entries.c.id > last)
     async with db.read() as conn:
         if budget_id:
-            await _require_budget(conn, budget_id)
+            await require_budget(conn, budget_id)
         rows = list((await conn.execute(query)).all())
     next_token = encode_page_token(str(rows[size - 1].id)) if len(rows) > size else ""
     return list(rows[:size]), next_token

@@ -10,6 +10,7 @@ root-first then by id, the order that cannot deadlock.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +67,27 @@ from budget_server.limits import AMOUNT_MAX, INT64_MAX
 
 # Operations on an existing reservation, which the batch loads before deciding.
 RESERVATION_OPS = (ExtendOp, CommitOp, ReleaseOp, ExpireOp, RecordUsageOp)
+
+log = logging.getLogger("budgetd.ledger")
+
+
+def _unit_name(unit: str) -> str:
+    """How an amount in `unit` reads in a message: USD amounts are nano-dollars."""
+    return "nano-USD" if unit == "USD" else unit.lower()
+
+
+def _same_kind(earlier: ReservationState, key: str, *, charge: bool) -> None:
+    """A replay must repeat the call that used the key: a Charge answered with a pending
+    reservation's replay would tell its caller it was recorded when nothing was charged,
+    and a Reserve answered with a finished charge gets no grant. A charge is the one
+    reservation that expires as it is made (a reservation lives at least TTL_MIN_MS)."""
+    if (earlier.expires_at_us == earlier.created_at_us) == charge:
+        return
+    used_by, wanted = ("a reservation", "charge") if charge else ("a charge", "reservation")
+    raise FailedPrecondition(
+        f"idempotency_key {key!r} already names {used_by} ({earlier.id}); "
+        f"a {wanted} needs a key of its own"
+    )
 
 
 def reservation_ids(ops: Sequence[Op]) -> list[str]:
@@ -339,10 +361,17 @@ class ChainBatch:
         for budget in self.chain:
             value = amounts[budget.id]
             after = budget.spent + budget.reserved - (released or {}).get(budget.id, 0) + value
-            if value > AMOUNT_MAX or after > INT64_MAX:
+            if value > AMOUNT_MAX:
                 raise InvalidArgument(
-                    f"the {what} comes to {value} {budget.unit.lower()} on budget {budget.id!r}, "
-                    f"beyond what a ledger figure can hold (AMOUNT_MAX = {AMOUNT_MAX})"
+                    f"the {what} comes to {value} {_unit_name(budget.unit)} on budget "
+                    f"{budget.id!r}, beyond what a ledger figure can hold "
+                    f"(AMOUNT_MAX = {AMOUNT_MAX})"
+                )
+            if after > INT64_MAX:
+                raise InvalidArgument(
+                    f"the {what} of {value} {_unit_name(budget.unit)} would take budget "
+                    f"{budget.id!r}'s spent plus reserved to {after}, beyond what a ledger "
+                    f"figure can hold ({INT64_MAX})"
                 )
         return amounts
 
@@ -379,6 +408,7 @@ class ChainBatch:
 
     def _reserve(self, op: ReserveOp) -> OpResult:
         if op.idempotency_key and (earlier := self.by_key.get(op.idempotency_key)):
+            _same_kind(earlier, op.idempotency_key, charge=False)
             return self._result(earlier, replayed=True)
         grant = ZERO_USAGE
         if op.output_range is not None and op.estimate is not None:
@@ -411,6 +441,7 @@ class ChainBatch:
 
     def _charge(self, op: ChargeOp) -> OpResult:
         if (earlier := self.by_key.get(op.idempotency_key)) is not None:
+            _same_kind(earlier, op.idempotency_key, charge=True)
             return self._result(earlier, replayed=True, charged=earlier.charged)
         # Priced (and bounded) before the reservation exists, so a refusal leaves no trace
         # and a retry with the same key is charged for real.
@@ -574,7 +605,7 @@ class ChainBatch:
             else:
                 charges = self._amounts(op.amount, None, res.model, "commit", res.holds)
         elif kind == "EXPIRE" and not res.usage.is_zero:
-            charges = self._amounts(0, res.usage, res.model, "expiry", res.holds)
+            charges = self._expiry_charges(res)
 
         labels = labels_json(res.labels)
         for budget in self.chain:
@@ -607,6 +638,23 @@ class ChainBatch:
         res.state = final_state
         res.finished_at_us = self.now_us
         return self._result(res, charged=res.charged, overage=res.overage)
+
+    def _expiry_charges(self, res: ReservationState) -> dict[str, int]:
+        """What an expiry charges: the last usage reported, priced; or, when that cannot be
+        priced (the model's price was deleted from a USD budget's table) or would push a
+        figure past what the ledger holds (a client reporting an absurd count), what the
+        reservation held, which fits by construction. Either way the reservation ends: the
+        sweeper retried a refused expiry every second, for ever, and the hold blocked the
+        budget's deletion."""
+        try:
+            return self._amounts(0, res.usage, res.model, "expiry", res.holds)
+        except (InvalidArgument, FailedPrecondition) as refused:
+            log.warning(
+                "reservation %s expires charged what it held, not its last usage: %s",
+                res.id,
+                refused,
+            )
+            return {budget_id: res.holds.get(budget_id, 0) for budget_id in self.chain_ids}
 
     def _late_commit(self, res: ReservationState, usage: Usage, actor: str) -> OpResult:
         """A commit that arrives after expiry: the reservation was charged at the last usage

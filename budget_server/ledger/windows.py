@@ -19,7 +19,9 @@ def zone(name: str) -> ZoneInfo:
     """The ZoneInfo for an IANA name, or INVALID_ARGUMENT naming the bad zone."""
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    # OSError: a name that is a directory of the zone database ("America") or too long
+    # for a file name reaches the file system before zoneinfo can refuse it.
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise InvalidArgument(f"unknown time zone {name!r} (expected an IANA name)") from exc
 
 

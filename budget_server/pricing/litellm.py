@@ -180,6 +180,10 @@ def parse(raw: bytes) -> Conversion:
             f"the price file is not valid JSON: {error.msg} at line {error.lineno} "
             f"column {error.colno}"
         ) from None
+    except RecursionError:
+        raise PriceFileError("the price file nests its JSON too deeply") from None
+    except ValueError as error:  # a number over Python's digit limit for int()
+        raise PriceFileError(f"the price file holds a number too long to read: {error}") from None
     if isinstance(data, dict) and data.get("format") == SHIPPED_FORMAT:
         table = _shipped_from(data)
         return Conversion(table.prices, 0, source=table.source)

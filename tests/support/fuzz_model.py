@@ -60,6 +60,7 @@ class ModelReservation:
     usage: tuple[int, int] = (0, 0)  # (input, output) the server has on record
     grant: tuple[int, int] = (0, 0)  # meter grant shape (input, output); zero when plain
     live: bool = False  # a meter stream of this test owns it now
+    made_by_charge: bool = False  # its idempotency key replays a Charge, never a Reserve
 
 
 @dataclass(frozen=True)
