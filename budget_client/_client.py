@@ -165,6 +165,7 @@ class BudgetClient:
             charged=response.charged,
             overage=response.overage,
             budget=Budget.from_pb(response.budget),
+            replayed=response.replayed,
         )
 
     async def release(self, reservation_id: str) -> Reservation:
@@ -198,6 +199,7 @@ class BudgetClient:
             charged=response.charged,
             overage=response.reservation.overage,
             budget=Budget.from_pb(response.budget),
+            replayed=response.replayed,
         )
 
     async def get_budget(self, budget_id: str) -> Budget:

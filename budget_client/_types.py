@@ -119,3 +119,4 @@ class Committed:
     overage: int
     budget: Budget | None
     spooled: bool = False  # budgetd was unreachable: recorded locally, replayed later
+    replayed: bool = False  # already committed: the first commit's result; this one's usage unused

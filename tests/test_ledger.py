@@ -305,3 +305,26 @@ async def test_an_expiry_whose_usage_cannot_be_charged_still_ends_the_reservatio
     assert (budget.spent, budget.reserved) == (2**62 + 256, 0)
     await assert_ledger_clean(api)
     await api.admin.DeleteBudget(pb.DeleteBudgetRequest(id="expiry:absurd"))
+
+
+async def test_a_repeated_commit_or_release_says_it_was_a_replay(api: Stubs) -> None:
+    """A retry of a commit whose answer was lost gets the first result; a second commit
+    with another amount gets it too, and `replayed` tells its caller that its amount was
+    not applied."""
+    await create(api, "replay:c", 1000)
+    held = await api.budget.Reserve(pb.ReserveRequest(budget_id="replay:c", amount=300))
+    rid = held.reservation.id
+    first = await api.budget.Commit(pb.CommitRequest(reservation_id=rid, amount=200))
+    again = await api.budget.Commit(pb.CommitRequest(reservation_id=rid, amount=50))
+    assert (first.replayed, first.charged) == (False, 200)
+    assert (again.replayed, again.charged) == (True, 200)
+
+    other = await api.budget.Reserve(pb.ReserveRequest(budget_id="replay:c", amount=10))
+    released = [
+        await api.budget.Release(pb.ReleaseRequest(reservation_id=other.reservation.id))
+        for _ in range(2)
+    ]
+    assert [r.replayed for r in released] == [False, True]
+    budget = (await api.budget.GetBudget(pb.GetBudgetRequest(budget_id="replay:c"))).budget
+    assert (budget.spent, budget.reserved) == (200, 0)
+    await assert_ledger_clean(api)

@@ -109,6 +109,7 @@ class BudgetService(pb_grpc.BudgetServiceServicer):
             budget=budget_to_pb(result.budget),
             charged=result.charged,
             overage=result.overage,
+            replayed=result.replayed,
         )
 
     @unary
@@ -117,7 +118,9 @@ class BudgetService(pb_grpc.BudgetServiceServicer):
             ReleaseOp(reservation_id=validation.reservation_id(request.reservation_id))
         )
         return pb.ReleaseResponse(
-            reservation=reservation_to_pb(result.reservation), budget=budget_to_pb(result.budget)
+            reservation=reservation_to_pb(result.reservation),
+            budget=budget_to_pb(result.budget),
+            replayed=result.replayed,
         )
 
     @unary

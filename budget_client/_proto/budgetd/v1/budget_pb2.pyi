@@ -722,8 +722,13 @@ class CommitResponse(_message.Message):
     BUDGET_FIELD_NUMBER: _builtins.int
     CHARGED_FIELD_NUMBER: _builtins.int
     OVERAGE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     charged: _builtins.int
     overage: _builtins.int
+    replayed: _builtins.bool
+    """The reservation was already committed: this answers a retry with the first commit's
+    result, and this request's amount or usage was not applied.
+    """
     @_builtins.property
     def reservation(self) -> Global___Reservation: ...
     @_builtins.property
@@ -735,10 +740,11 @@ class CommitResponse(_message.Message):
         budget: Global___Budget | None = ...,
         charged: _builtins.int = ...,
         overage: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "reservation", b"reservation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "charged", b"charged", "overage", b"overage", "reservation", b"reservation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "charged", b"charged", "overage", b"overage", "replayed", b"replayed", "reservation", b"reservation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -769,6 +775,9 @@ class ReleaseResponse(_message.Message):
 
     RESERVATION_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """The reservation was already released: a retry, answered with the first result."""
     @_builtins.property
     def reservation(self) -> Global___Reservation: ...
     @_builtins.property
@@ -778,10 +787,11 @@ class ReleaseResponse(_message.Message):
         *,
         reservation: Global___Reservation | None = ...,
         budget: Global___Budget | None = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "reservation", b"reservation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "reservation", b"reservation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "replayed", b"replayed", "reservation", b"reservation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
