@@ -46,5 +46,5 @@ bench-quick: $(STAMP)  ## the benchmarks in quick mode (under 2 minutes)
 demo: $(STAMP)  ## budgetd + a local OpenAI-compatible server + three apps sharing one budget
 	$(BIN)/python -m budget_client.demo
 
-clean:  ## remove the virtualenv and local databases
-	rm -rf $(VENV) budgetd.db budgetd.db-wal budgetd.db-shm
+clean:  ## remove the virtualenv, the local database and its admin key
+	rm -rf $(VENV) budgetd.db budgetd.db-wal budgetd.db-shm budgetd-admin.key

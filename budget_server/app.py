@@ -99,10 +99,6 @@ class BudgetServer:
             await self.webhooks.refresh()
             self.ledger.publisher.outbox = outbox_writer(self.webhooks)
             self.keys = KeyStore(self.db, self.clock, self.ledger.publisher)
-            if not self.config.insecure:
-                self.admin_key_path = await self.keys.bootstrap_admin_key(
-                    Path(self.config.admin_key_file)
-                )
         guard = Guard(None if self.config.insecure else self.keys, self.ledger)
         server = aio.server(
             options=[
@@ -126,12 +122,23 @@ class BudgetServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         credentials = server_credentials(self.config)
-        if credentials is None:
-            self.port = server.add_insecure_port(self.config.listen)
-        else:
-            self.port = server.add_secure_port(self.config.listen, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(self.config.listen)
+            else:
+                self.port = server.add_secure_port(self.config.listen, credentials)
+        except RuntimeError:  # grpc's "Failed to bind", with nothing more specific
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
+            raise OSError(
+                f"cannot listen on {self.config.listen}: the port is in use (another budgetd?) "
+                "or the address is not HOST:PORT of this machine"
+            )
+        if not self.config.insecure:  # after binding: a start that cannot serve makes no key
+            async with startup_lock(self.db):
+                self.admin_key_path = await self.keys.bootstrap_admin_key(
+                    Path(self.config.admin_key_file)
+                )
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -10,6 +10,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
 from budget_server import __version__
 from budget_server.app import BudgetServer
 from budget_server.config import ServerConfig
@@ -196,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as error:
         print(f"budgetd: {error}", file=sys.stderr)
+        return 1
+    except DBAPIError as error:  # the database cannot be opened or reached at start
+        where = make_url(config.db_url).render_as_string(hide_password=True)
+        print(f"budgetd: cannot use the database {where}: {error.orig}", file=sys.stderr)
         return 1
 
 

@@ -18,6 +18,7 @@ from budget_client import AccessDenied, BudgetClient
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_client._proto.budgetd.v1 import budget_pb2_grpc as pb_grpc
 from budget_server.app import BudgetServer
+from budget_server.auth.store import AdminKeyFileExists
 from budget_server.config import ServerConfig
 from budget_server.errors import InvalidArgument
 from tests.support.servers import Stubs, server_processes, stubs
@@ -34,6 +35,29 @@ async def secured(db_url: str, tmp_path: Path) -> AsyncIterator[tuple[BudgetServ
     async with BudgetServer(config) as server:
         assert server.admin_key_path == tmp_path / "admin.key"
         yield server, server.admin_key_path.read_text().strip()
+
+
+async def test_the_first_admin_key_never_overwrites_an_existing_file(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A key file already there may hold the only copy of another database's admin key
+    (only its hash is stored): a new database's start refuses to replace it, stores no
+    key, and starts once given a file of its own."""
+    taken = tmp_path / "admin.key"
+    taken.write_text("bk_other-database's-key\n")
+    config = ServerConfig(listen="127.0.0.1:0", db_url=db_url, admin_key_file=str(taken))
+    with pytest.raises(AdminKeyFileExists, match="already exists"):
+        async with BudgetServer(config):
+            pass
+    assert taken.read_text() == "bk_other-database's-key\n"
+
+    fresh = tmp_path / "fresh.key"
+    config = ServerConfig(listen="127.0.0.1:0", db_url=db_url, admin_key_file=str(fresh))
+    async with BudgetServer(config) as server, stubs(server.address) as api:
+        assert server.admin_key_path == fresh
+        admin_key = fresh.read_text().strip()
+        listed = await api.admin.ListKeys(pb.ListKeysRequest(), metadata=_as(admin_key))
+        assert [k.name for k in listed.keys] == ["bootstrap-admin"]
 
 
 def _as(key: str) -> tuple[tuple[str, str], ...]:

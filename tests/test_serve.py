@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -119,3 +122,32 @@ async def test_stop_waits_for_cancelled_streams_to_persist(db_url: str) -> None:
     finally:
         await db.close()
     assert row.output_tokens == 77
+
+
+async def test_start_up_failures_are_one_line_and_leave_no_admin_key(tmp_path: Path) -> None:
+    """A port in use, an address that is not one, a database that cannot be opened: a
+    sentence saying which, not a traceback; and no admin key made for a server that did
+    not start."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (f"127.0.0.1:{port}", f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", "cannot listen on"),
+            ("nonsense", f"sqlite+aiosqlite:///{tmp_path / 'b.db'}", "cannot listen on"),
+            ("127.0.0.1:0", "sqlite+aiosqlite:////nonexistent-dir/c.db", "cannot use the database"),
+        ]
+        for listen, db_url, words in cases:
+            key_file = tmp_path / "admin.key"
+            argv = ["serve", "--listen", listen, "--db", db_url, "--admin-key-file", str(key_file)]
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "budget_server.cli", *argv],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 1, done.stderr
+            assert f"budgetd: {words}" in done.stderr
+            assert "Traceback" not in done.stderr
+            assert not key_file.exists()

@@ -116,6 +116,11 @@ class KeyStore:
         validation.printable(name, "a key's name")
         parsed = parse_scopes(tuple(scopes))
         key_id, whole_key, digest = new_key()
+        return await self._store(key_id, name, digest, parsed), whole_key
+
+    async def _store(
+        self, key_id: str, name: str, digest: str, parsed: tuple[Scope, ...]
+    ) -> KeyRecord:
         now_us = self._clock.now_us()
         record = KeyRecord(key_id, name, digest, parsed, now_us, 0)
         async with self._db.write() as conn:
@@ -129,7 +134,7 @@ class KeyStore:
                     revoked_at_us=0,
                 )
             )
-        return record, whole_key
+        return record
 
     async def list(self) -> list[KeyRecord]:
         async with self._db.read() as conn:
@@ -157,23 +162,43 @@ class KeyStore:
 
     async def bootstrap_admin_key(self, path: Path) -> Path | None:
         """On a database with no keys at all, make one admin key and write it to `path`,
-        readable by the owner only; return the path, or None when keys already exist."""
+        readable by the owner only; return the path, or None when keys already exist.
+
+        The file is written before the key is stored, and never over an existing file: a
+        file already there holds the only copy of some database's admin key (only a hash
+        is stored), and a key stored but not written would lock everyone out."""
         async with self._db.read() as conn:
             count = (await conn.execute(select(func.count()).select_from(api_keys))).scalar_one()
         if count:
             return None
-        _, whole_key = await self.create("bootstrap-admin", ["admin"])
+        key_id, whole_key, digest = new_key()
         written = await asyncio.to_thread(write_private_file, path, whole_key + "\n")
+        try:
+            await self._store(key_id, "bootstrap-admin", digest, parse_scopes(("admin",)))
+        except BaseException:
+            written.unlink(missing_ok=True)  # its key never reached the database
+            raise
         log.warning("created the first admin API key; it is in %s (mode 0600)", written)
         return written
 
 
 def write_private_file(path: Path, content: str) -> Path:
-    """Write a file only its owner can read (created with mode 0600, never wider)."""
+    """Write a new file only its owner can read (mode 0600 from its creation); refuse to
+    replace one that exists."""
     path = path.expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise AdminKeyFileExists(
+            f"{path} already exists, and this database has no API keys yet: it may hold the "
+            "only copy of another database's admin key, so it is kept. Move it away, or "
+            "name a new file with --admin-key-file (or BUDGETD_ADMIN_KEY_FILE)"
+        ) from None
     with os.fdopen(descriptor, "w") as handle:
         handle.write(content)
     return path
+
+
+class AdminKeyFileExists(ValueError):
+    """Start-up refused: the first admin key would overwrite an existing file."""
