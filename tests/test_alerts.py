@@ -52,7 +52,7 @@ class _Watcher:
         self.call.cancel()
 
 
-async def test_thresholds_fire_once_each(api: Stubs) -> None:
+async def test_thresholds_fire_once_each(api: Stubs, caplog: pytest.LogCaptureFixture) -> None:
     await create(api, "alert:a", 1000)
     await api.admin.UpdateBudget(
         pb.UpdateBudgetRequest(
@@ -73,6 +73,11 @@ async def test_thresholds_fire_once_each(api: Stubs) -> None:
         assert await _alerts(api, "alert:a") == [50, 70, 90]
         seen = await watcher.wait_for(pb.BUDGET_EVENT_KIND_ALERT, 3)
         assert [e.threshold_pct for e in seen] == [50, 70, 90]
+        logged = [r for r in caplog.records if r.name == "budgetd.alerts"]
+        assert [r.getMessage() for r in logged] == [
+            f"budget alert:a crossed {pct} % of its limit" for pct in (50, 70, 90)
+        ]
+        assert [(r.levelname, getattr(r, "limit", None)) for r in logged] == [("WARNING", 1000)] * 3
         assert len({e.id for e in seen}) == 3
         assert seen[0].spent == 510
         committed = await watcher.wait_for(pb.BUDGET_EVENT_KIND_COMMITTED, 5)

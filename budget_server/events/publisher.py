@@ -9,6 +9,7 @@ transaction commits). After commit: this process's own subscribers.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -19,6 +20,8 @@ from budget_server.events.bus import EventBus
 from budget_server.events.model import BudgetEvent
 
 NOTIFY_CHANNEL = "budgetd_events"
+
+log = logging.getLogger("budgetd.alerts")
 
 # (conn, events, now_us) -> rows written; webhooks' outbox.enqueue with its directory bound.
 OutboxWriter = Callable[[AsyncConnection, Sequence[BudgetEvent], int], Awaitable[int]]
@@ -48,4 +51,20 @@ class EventPublisher:
 
     def after_commit(self, events: Sequence[BudgetEvent]) -> None:
         for event in events:
+            if event.kind == "ALERT":  # logged once, by the process whose write fired it
+                _log_alert(event)
             self.bus.publish(event)
+
+
+def _log_alert(event: BudgetEvent) -> None:
+    log.warning(
+        "budget %s crossed %d %% of its limit",
+        event.budget_id,
+        event.threshold_pct,
+        extra={
+            "budget_id": event.budget_id,
+            "threshold_pct": event.threshold_pct,
+            "spent": event.spent,
+            "limit": event.limit,
+        },
+    )
