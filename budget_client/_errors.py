@@ -2,9 +2,9 @@
 
     BudgetError                 anything budgetd-related; `.code` is the gRPC status or None
      ├── BudgetExceeded         a budget refused the call, or aborted the stream mid-way
-     ├── BudgetUnavailable      budgetd cannot be reached and the policy is fail-closed
+     ├── BudgetUnavailable      budgetd cannot be reached (metered calls: only if fail-closed)
      ├── AccessDenied           the API key is missing, wrong, revoked, or lacks the scope
-     ├── ReservationError       the reservation is unknown or already finished
+     ├── ReservationError       no such budget or reservation, or not in a state for the call
      └── InvalidRequest         budgetd refused the request as malformed (INVALID_ARGUMENT)
 
 A gRPC failure keeps its status code (`error.code`), so callers never parse messages.
@@ -58,7 +58,9 @@ class BudgetExceeded(BudgetError):
 
 
 class BudgetUnavailable(BudgetError):
-    """budgetd could not be reached, and the client's policy is fail-closed."""
+    """budgetd could not be reached. Metered calls raise it only when the policy is
+    fail-closed (fail-open runs the LLM call and spools its usage); direct calls
+    (reserve, commit, charge, get_budget...) have no call to run, so they always do."""
 
 
 class AccessDenied(BudgetError):
@@ -69,7 +71,10 @@ class AccessDenied(BudgetError):
 
 
 class ReservationError(BudgetError):
-    """The reservation does not exist, or has already been committed, released or expired."""
+    """budgetd answered NOT_FOUND or FAILED_PRECONDITION: the budget or reservation does
+    not exist, the reservation was already committed, released or expired, or the call
+    cannot apply (a USD budget with no price for the model, an idempotency key that names
+    another kind of call). `.code` tells NOT_FOUND from FAILED_PRECONDITION."""
 
 
 class InvalidRequest(BudgetError):
