@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -25,6 +26,31 @@ log = logging.getLogger("budgetd")
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"BUDGETD_{name}", default)
+
+
+def _number(text: str, convert: type[float] | type[int], lowest: float, inclusive: bool) -> Any:
+    """argparse's type for a bounded number; a bad flag or BUDGETD_* value is a usage
+    error naming it (argparse converts string defaults through `type` as well)."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= lowest if inclusive else value > lowest):  # also refuses NaN
+        bound = f"at least {lowest:g}" if inclusive else f"above {lowest:g}"
+        raise argparse.ArgumentTypeError(f"{text!r}: must be {bound}")
+    return value
+
+
+def _seconds_above_zero(text: str) -> float:
+    return float(_number(text, float, 0, inclusive=False))
+
+
+def _seconds_at_least_zero(text: str) -> float:
+    return float(_number(text, float, 0, inclusive=True))
+
+
+def _count_at_least_one(text: str) -> int:
+    return int(_number(text, int, 1, inclusive=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--sweep-interval",
-        type=float,
-        default=float(_env("SWEEP_INTERVAL", str(defaults.sweep_interval_s))),
+        type=_seconds_above_zero,
+        default=_env("SWEEP_INTERVAL", str(defaults.sweep_interval_s)),
         help="seconds between expiry sweeps (env BUDGETD_SWEEP_INTERVAL; default %(default)s)",
     )
     serve.add_argument(
         "--shutdown-grace",
-        type=float,
-        default=float(_env("SHUTDOWN_GRACE", str(defaults.shutdown_grace_s))),
+        type=_seconds_at_least_zero,
+        default=_env("SHUTDOWN_GRACE", str(defaults.shutdown_grace_s)),
         help="seconds in-flight calls get on SIGTERM (default %(default)s)",
     )
     serve.add_argument(
@@ -85,28 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--webhook-poll-interval",
-        type=float,
-        default=float(_env("WEBHOOK_POLL_INTERVAL", str(defaults.webhook_poll_interval_s))),
+        type=_seconds_above_zero,
+        default=_env("WEBHOOK_POLL_INTERVAL", str(defaults.webhook_poll_interval_s)),
         help="seconds between looks at the webhook outbox; new events are sent at once "
         "(env BUDGETD_WEBHOOK_POLL_INTERVAL; default %(default)s)",
     )
     serve.add_argument(
         "--webhook-attempts",
-        type=int,
-        default=int(_env("WEBHOOK_ATTEMPTS", str(defaults.webhook_attempts_max))),
+        type=_count_at_least_one,
+        default=_env("WEBHOOK_ATTEMPTS", str(defaults.webhook_attempts_max)),
         help="attempts per webhook event before giving up; back-off doubles from 1 s to "
         "5 min (env BUDGETD_WEBHOOK_ATTEMPTS; default %(default)s, about an hour)",
     )
     serve.add_argument(
         "--webhook-timeout",
-        type=float,
-        default=float(_env("WEBHOOK_TIMEOUT", str(defaults.webhook_timeout_s))),
+        type=_seconds_above_zero,
+        default=_env("WEBHOOK_TIMEOUT", str(defaults.webhook_timeout_s)),
         help="seconds per webhook attempt (env BUDGETD_WEBHOOK_TIMEOUT; default %(default)s)",
     )
     serve.add_argument(
         "--report-entries-max",
-        type=int,
-        default=int(_env("REPORT_ENTRIES_MAX", str(defaults.report_entries_max))),
+        type=_count_at_least_one,
+        default=_env("REPORT_ENTRIES_MAX", str(defaults.report_entries_max)),
         help="ledger entries one usage report may read; larger ranges are refused "
         "(env BUDGETD_REPORT_ENTRIES_MAX; default %(default)s)",
     )

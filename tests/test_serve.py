@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -151,3 +152,26 @@ async def test_start_up_failures_are_one_line_and_leave_no_admin_key(tmp_path: P
             assert f"budgetd: {words}" in done.stderr
             assert "Traceback" not in done.stderr
             assert not key_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "words"),
+    [
+        (["--shutdown-grace", "-1"], {}, "--shutdown-grace: '-1': must be at least 0"),
+        (["--webhook-attempts", "0"], {}, "--webhook-attempts: '0': must be at least 1"),
+        ([], {"BUDGETD_SWEEP_INTERVAL": "soon"}, "--sweep-interval: 'soon' is not a number"),
+    ],
+)
+def test_bad_numbers_in_flags_and_environment_are_usage_errors(
+    argv: list[str], env: dict[str, str], words: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "budget_server.cli", "serve", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 2
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr
