@@ -226,6 +226,7 @@ async def test_bad_admin_queries(api: Stubs) -> None:
         api.admin.ListBudgets(pb.ListBudgetsRequest(page_token="%%%")),
         api.admin.ListLedgerEntries(pb.ListLedgerEntriesRequest(page_token="bm90LWEtbnVtYmVy")),
         api.admin.ListLedgerEntries(pb.ListLedgerEntriesRequest(page_size=-1)),
+        api.admin.ListLedgerEntries(pb.ListLedgerEntriesRequest(since_us=10, until_us=5)),
         api.admin.UpdateBudget(pb.UpdateBudgetRequest(id="nothing-to-do")),
         api.admin.ListReservations(pb.ListReservationsRequest(state=42)),
         # Numbers past int64, and digits that are not ASCII ("²"): not tokens it issued.

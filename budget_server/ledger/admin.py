@@ -442,6 +442,8 @@ async def list_entries(
         raise InvalidArgument(f"kind must be one of {', '.join(ENTRY_KINDS)}")
     if since_us < 0 or until_us < 0:
         raise InvalidArgument("since_us and until_us must not be negative")
+    if since_us and until_us and since_us >= until_us:  # as a usage report's range
+        raise InvalidArgument("since_us must be before until_us")
     query = select(ledger_entries).order_by(ledger_entries.c.id).limit(size + 1)
     if budget_id:
         query = query.where(ledger_entries.c.budget_id == validation.budget_id(budget_id))
