@@ -165,8 +165,8 @@ class KeyStore:
         readable by the owner only; return the path, or None when keys already exist.
 
         The file is written before the key is stored, and never over an existing file: a
-        file already there holds the only copy of some database's admin key (only a hash
-        is stored), and a key stored but not written would lock everyone out."""
+        file already there may hold the only copy of another database's admin key (only
+        a hash is stored), and a key stored but not written would lock everyone out."""
         async with self._db.read() as conn:
             count = (await conn.execute(select(func.count()).select_from(api_keys))).scalar_one()
         if count:
