@@ -12,8 +12,10 @@ import json
 import os
 import socket
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +25,7 @@ from sqlalchemy import update
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.app import BudgetServer
 from budget_server.clock import ManualClock
+from budget_server.config import ServerConfig
 from budget_server.ctl.amounts import (
     AmountError,
     format_percent,
@@ -55,10 +58,16 @@ class Run:
 
 
 async def budgetctl(
-    *args: str, server: str | None = None, env: dict[str, str] | None = None
+    *args: str,
+    server: str | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Run:
-    """`python -m budget_server.ctl.main [--server S] ARGS...` as a child process."""
-    base_env = {k: v for k, v in os.environ.items() if k != "BUDGETD_SERVER"}
+    """`python -m budget_server.ctl.main [--server S] ARGS...` as a child process.
+
+    No BUDGETD_* variable of whoever runs pytest reaches it: each test sets its own.
+    """
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETD_")}
     command = [sys.executable, "-m", "budget_server.ctl.main"]
     if server is not None:
         command += ["--server", server]
@@ -68,6 +77,7 @@ async def budgetctl(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**base_env, **(env or {})},
+        cwd=cwd,
     )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT_S)
@@ -325,6 +335,77 @@ async def test_resource_exhausted_reports_the_amount_available(api: Stubs) -> No
     assert "budget 'ex:usd' has $0.50 available (requested $0.75)" in str(failure)
 
 
+async def test_budgetd_address_is_read_like_the_client_library(server: BudgetServer) -> None:
+    # The client library's BUDGETD_ADDRESS is a list; budgetctl talks to its first address.
+    nowhere = f"127.0.0.1:{free_port()}"
+    from_list, server_wins = await asyncio.gather(
+        budgetctl(
+            "--json", "budgets", "list", env={"BUDGETD_ADDRESS": f"{server.address},{nowhere}"}
+        ),
+        budgetctl(
+            "--json", "budgets", "list",
+            env={"BUDGETD_SERVER": server.address, "BUDGETD_ADDRESS": nowhere},
+        ),
+    )  # fmt: skip
+    assert from_list.json() == {"budgets": [], "more": False}
+    assert server_wins.json() == {"budgets": [], "more": False}
+
+
+@pytest.fixture
+async def secured(db_url: str, tmp_path: Path) -> AsyncIterator[tuple[BudgetServer, str]]:
+    """budgetd with API keys on, its admin key written to budgetd-admin.key in tmp_path."""
+    config = ServerConfig(
+        listen="127.0.0.1:0", db_url=db_url, admin_key_file=str(tmp_path / "budgetd-admin.key")
+    )
+    async with BudgetServer(config) as running:
+        yield running, (tmp_path / "budgetd-admin.key").read_text().strip()
+
+
+async def test_a_refused_key_says_where_budgetctl_found_it(
+    secured: tuple[BudgetServer, str], tmp_path: Path
+) -> None:
+    server, admin_key = secured
+    key_id = admin_key.split("_")[1]
+    wrong = f"bdk_{key_id}_{'x' * 43}"  # the admin key's id with another secret
+    wrong_file = tmp_path / "wrong.key"
+    wrong_file.write_text(wrong + "\n")
+    elsewhere = tmp_path / "elsewhere"  # a directory without budgetd-admin.key
+    elsewhere.mkdir()
+    in_key_dir, none, by_flag, by_file, by_env = await asyncio.gather(
+        budgetctl("--json", "budgets", "list", server=server.address, cwd=tmp_path),
+        budgetctl("budgets", "list", server=server.address, cwd=elsewhere),
+        budgetctl("--api-key", wrong, "budgets", "list", server=server.address, cwd=elsewhere),
+        budgetctl(
+            "budgets", "list", "--api-key-file", str(wrong_file), server=server.address,
+            cwd=elsewhere,
+        ),
+        budgetctl(
+            "budgets", "list", server=server.address, cwd=elsewhere,
+            env={"BUDGETD_API_KEY": wrong},
+        ),
+    )  # fmt: skip
+    # Run where budgetd wrote its admin key, budgetctl reads it from there.
+    assert in_key_dir.json() == {"budgets": [], "more": False}
+
+    assert none.code == 2
+    first, hint = none.stderr.splitlines()
+    assert first.startswith("budgetctl: UNAUTHENTICATED: no API key")
+    for where in ("--api-key", "--api-key-file", "BUDGETD_API_KEY", "budgetd-admin.key"):
+        assert where in hint
+    assert str(elsewhere) in hint  # the current directory it looked in
+
+    for run, source in [
+        (by_flag, "--api-key"),
+        (by_file, f"--api-key-file {wrong_file}"),
+        (by_env, "BUDGETD_API_KEY"),
+    ]:
+        assert run.code == 2
+        first, hint = run.stderr.splitlines()
+        assert first == "budgetctl: UNAUTHENTICATED: the API key is not valid"
+        assert f"from {source};" in hint
+        assert "x" * 43 not in run.stderr  # the secret is never printed
+
+
 # ---------------------------------------------------------------- without a server
 
 
@@ -342,6 +423,58 @@ async def test_unreachable_or_silent_server_exits_3() -> None:
     assert no_answer.stdout == ""
     assert too_slow.code == EXIT_UNREACHABLE
     assert f"budgetctl: cannot reach budgetd at {silent} (DEADLINE_EXCEEDED" in too_slow.stderr
+
+
+async def test_a_named_key_file_that_cannot_be_read_exits_2(tmp_path: Path) -> None:
+    # Against an address where nothing listens: exit 2, not 3, shows no call was tried.
+    address = f"127.0.0.1:{free_port()}"
+    missing = tmp_path / "nope.key"
+    by_flag, by_env, in_subcommand, default_absent = await asyncio.gather(
+        budgetctl("--api-key-file", str(missing), "budgets", "list", server=address),
+        budgetctl("verify", server=address, env={"BUDGETD_API_KEY_FILE": str(tmp_path)}),
+        budgetctl("budgets", "list", "--api-key-file", str(missing), server=address),
+        budgetctl("budgets", "list", server=address, cwd=tmp_path),
+    )
+    assert (by_flag.code, by_flag.stdout) == (2, "")
+    assert by_flag.stderr == (
+        f"budgetctl: cannot read the API key file {missing} (--api-key-file): "
+        "No such file or directory\n"
+    )
+    assert (in_subcommand.code, in_subcommand.stderr) == (2, by_flag.stderr)
+    assert by_env.code == 2
+    assert by_env.stderr == (
+        f"budgetctl: cannot read the API key file {tmp_path} (BUDGETD_API_KEY_FILE): "
+        "Is a directory\n"
+    )
+    # ./budgetd-admin.key is only a default: without it budgetctl goes on without a key.
+    assert default_absent.code == EXIT_UNREACHABLE, default_absent.stderr
+
+
+async def test_server_needs_host_and_port() -> None:
+    # Run through the environment: the error names the variable the bad address came from.
+    from_env, from_list, well_formed = await asyncio.gather(
+        budgetctl("budgets", "list", env={"BUDGETD_SERVER": "127.0.0.1"}),
+        budgetctl("budgets", "list", env={"BUDGETD_ADDRESS": "budgetd.internal,10.0.0.2:50051"}),
+        budgetctl("--timeout", "5", "budgets", "list", server=f"[::1]:{free_port()}"),
+    )
+    assert from_env.code == 2
+    assert from_env.stderr.startswith("budgetctl: BUDGETD_SERVER: '127.0.0.1' is not HOST:PORT")
+    assert len(from_env.stderr.splitlines()) == 1
+    assert from_list.code == 2
+    assert "BUDGETD_ADDRESS: 'budgetd.internal' is not HOST:PORT" in from_list.stderr
+    assert well_formed.code == EXIT_UNREACHABLE, well_formed.stderr
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "127.0.0.1:", "localhost:http", ":50051", "::1:50051", "host:65536", "host:٥"],
+)
+def test_bad_server_addresses_exit_2(address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # gRPC would read "127.0.0.1" as port 443; budgetctl refuses it before any call.
+    assert main(["--server", address, "budgets", "list"]) == 2
+    captured = capsys.readouterr()
+    assert f"argument --server: {address!r} is not HOST:PORT" in captured.err
+    assert captured.out == ""
 
 
 async def test_fractional_tokens_are_a_usage_error() -> None:
@@ -382,6 +515,7 @@ def test_help_lists_examples(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "examples:" in out
     assert "budgetctl budgets create org:acme" in out
+    assert "BUDGETD_ADDRESS" in out
 
 
 # ---------------------------------------------------------------- amounts, times, paging

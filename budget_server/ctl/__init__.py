@@ -5,6 +5,7 @@
     parser.py    the argparse tree: every command, its help and its examples
     commands.py  one function per command: call budgetd, build the result
     rpc.py       the gRPC channel, a deadline on every call, page-token following
+    credentials.py  the API key to send and where it came from (flags, variables, file)
     failures.py  the exceptions budgetctl reports, and gRPC statuses turned into them
     amounts.py   amounts parsed and shown exactly (tokens, nano-dollars as dollars)
     times.py     ISO 8601 in, microseconds since the epoch out, and back

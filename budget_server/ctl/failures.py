@@ -69,7 +69,7 @@ def from_status(
     if code in _UNREACHABLE_CODES:
         return Unreachable(
             f"cannot reach budgetd at {server} ({code.name}: {details or 'no details'}); "
-            "is it running? Set the address with --server or BUDGETD_SERVER"
+            "is it running? Set the address with --server, BUDGETD_SERVER or BUDGETD_ADDRESS"
         )
     lines = [f"{code.name}: {details or 'no details'}"]
     exhausted = exhausted_detail(trailing_metadata or ())

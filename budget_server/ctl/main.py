@@ -11,10 +11,19 @@ import os
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from budget_server.ctl.commands import Result
-from budget_server.ctl.failures import EXIT_ERROR, EXIT_INTERRUPTED, CtlError, UsageError
-from budget_server.ctl.parser import build_parser
-from budget_server.ctl.rpc import api_key_from, connect
+from budget_server.ctl.credentials import api_key_from, unauthenticated_hint, working_directory
+from budget_server.ctl.failures import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    CtlError,
+    ServerRefused,
+    UsageError,
+)
+from budget_server.ctl.parser import build_parser, server_from
+from budget_server.ctl.rpc import connect
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,14 +34,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
     try:
+        here = working_directory()
+        key = api_key_from(str(args.api_key), str(args.api_key_file), os.environ, here)
         with connect(
-            str(args.server),
+            args.server or server_from(os.environ),
             float(args.timeout),
-            api_key=api_key_from(str(args.api_key), str(args.api_key_file)),
+            api_key=key.secret,
             tls=bool(args.tls),
             tls_ca_file=str(args.tls_ca),
         ) as admin:
-            result: Result = args.run(admin, args)
+            try:
+                result: Result = args.run(admin, args)
+            except ServerRefused as error:
+                if error.code != grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                # budgetd's text tells gRPC clients which metadata to send; say instead
+                # which key budgetctl sent, or where it looked for one.
+                hint = unauthenticated_hint(key, here)
+                raise ServerRefused(error.code, f"{error}\n  {hint}") from None
     except UsageError as error:
         args.command_parser.print_usage(sys.stderr)
         print(f"{args.command_parser.prog}: error: {error}", file=sys.stderr)

@@ -7,6 +7,10 @@ overwrite the value parsed before the command.
 
 Command groups (prices, keys, report, webhooks, alerts, watch) live in their own modules,
 each registered by one `add_parser(top)` line in `build_parser`.
+
+--server, --api-key and --api-key-file default to None/"" rather than to their variables:
+main reads the environment after parsing, so a message can name the variable a bad value
+came from and a refused key can be traced to its source (credentials.py).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import textwrap
+from collections.abc import Mapping
 from typing import Final
 
 from budget_server.ctl import (
@@ -25,11 +30,13 @@ from budget_server.ctl import (
     watch_cmd,
     webhooks_cmd,
 )
+from budget_server.ctl.credentials import API_KEY_FILE_DEFAULT
+from budget_server.ctl.failures import CtlError
 from budget_server.ctl.rpc import TIMEOUT_DEFAULT_S
 from budget_server.ctl.times import parse_time
 
 SERVER_DEFAULT: Final = "127.0.0.1:50051"
-API_KEY_FILE_DEFAULT: Final = "budgetd-admin.key"
+PORT_MAX: Final = 65535
 ROWS_DEFAULT: Final = 100
 THRESHOLD_PCT_MAX: Final = 1000
 DESCRIPTION_WIDTH: Final = 88
@@ -103,6 +110,40 @@ def seconds_arg(text: str) -> float:
     return value
 
 
+def server_arg(text: str) -> str:
+    """HOST:PORT, refused without a numeric port.
+
+    gRPC reads a bare host as port 443, so `--server 127.0.0.1` would quietly try a port
+    budgetd does not listen on and fail as "cannot reach budgetd", pointing nowhere near
+    the missing port. An IPv6 host goes in brackets, as gRPC wants: [::1]:50051.
+    """
+    host, colon, port = text.rpartition(":")
+    numeric = port.isascii() and port.isdigit() and 1 <= int(port) <= PORT_MAX
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not (colon and host and numeric) or (":" in host and not bracketed):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT with a numeric port, e.g. 127.0.0.1:50051 "
+            "([::1]:50051 for IPv6)"
+        )
+    return text
+
+
+def server_from(environ: Mapping[str, str]) -> str:
+    """--server's value when it is not given: BUDGETD_SERVER, else the first address of
+    BUDGETD_ADDRESS (the client library's variable, a comma-separated list of replicas;
+    budgetctl needs one), else SERVER_DEFAULT. A bad value is an error naming its variable."""
+    for name, value in [
+        ("BUDGETD_SERVER", environ.get("BUDGETD_SERVER", "")),
+        ("BUDGETD_ADDRESS", environ.get("BUDGETD_ADDRESS", "").split(",")[0].strip()),
+    ]:
+        if value:
+            try:
+                return server_arg(value)
+            except argparse.ArgumentTypeError as error:
+                raise CtlError(f"{name}: {error}") from None
+    return SERVER_DEFAULT
+
+
 def _global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> None:
     def default(value: object) -> object:
         return value if top_level else argparse.SUPPRESS
@@ -111,21 +152,24 @@ def _global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> None
     group.add_argument(
         "--server",
         metavar="HOST:PORT",
-        default=default(os.environ.get("BUDGETD_SERVER", SERVER_DEFAULT)),
-        help=f"budgetd's address (env BUDGETD_SERVER; default {SERVER_DEFAULT})",
+        type=server_arg,
+        default=default(None),
+        help="budgetd's address (env BUDGETD_SERVER, else the first address of "
+        f"BUDGETD_ADDRESS as the client library reads it; default {SERVER_DEFAULT})",
     )
     group.add_argument(
         "--api-key",
         metavar="KEY",
-        default=default(os.environ.get("BUDGETD_API_KEY", "")),
+        default=default(""),
         help="API key (env BUDGETD_API_KEY; default: the key in --api-key-file)",
     )
     group.add_argument(
         "--api-key-file",
         metavar="PATH",
-        default=default(os.environ.get("BUDGETD_API_KEY_FILE", API_KEY_FILE_DEFAULT)),
+        default=default(""),
         help="file holding the API key, e.g. the admin key budgetd wrote on first start "
-        f"(env BUDGETD_API_KEY_FILE; default {API_KEY_FILE_DEFAULT}, used if it exists)",
+        f"(env BUDGETD_API_KEY_FILE; default {API_KEY_FILE_DEFAULT} in the current "
+        "directory, used if it exists)",
     )
     group.add_argument(
         "--tls",

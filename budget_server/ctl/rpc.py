@@ -219,17 +219,6 @@ def connect(
         yield Admin(channel, server, timeout_s, metadata)
 
 
-def api_key_from(key: str, key_file: str) -> str:
-    """The key given, else the one in key_file when that file exists (budgetd's admin key)."""
-    if key:
-        return key
-    path = Path(key_file)
-    try:
-        return path.read_text().strip() if key_file and path.is_file() else ""
-    except OSError:
-        return ""
-
-
 def collect(
     fetch: Callable[[str, int], tuple[Sequence[Item], str]],
     *,
