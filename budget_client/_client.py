@@ -305,6 +305,8 @@ class BudgetClient:
         return settled
 
     async def _charge_entry(self, entry: SpoolEntry) -> None:
+        if entry.usage.total_tokens == 0:
+            return  # nothing was used: budgetd refuses a charge of no tokens, and owes none
         await self.charge(
             entry.budget_id,
             entry.usage,

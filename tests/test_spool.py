@@ -19,8 +19,9 @@ from typing import Any
 import openai
 import pytest
 
-from budget_client import BudgetClient, BudgetUnavailable, wrap_openai
+from budget_client import BudgetClient, BudgetUnavailable, Usage, wrap_openai
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
+from budget_client._spool import SpoolEntry
 from budget_client.testing import FakeOpenAIServer
 from budget_server.clock import ManualClock
 from budget_server.meter.policy import GrantPolicy
@@ -183,3 +184,21 @@ async def test_fail_closed_raises_before_the_request_is_sent(tmp_path: Path) -> 
             await _create(oai, "spool:c")
         assert fake.records == []  # nothing reached the provider
         assert not budgets.spool.entries()
+
+
+async def test_a_spooled_call_that_used_no_tokens_is_settled_without_a_charge(
+    api: Stubs, tmp_path: Path
+) -> None:
+    """budgetd refuses a Charge of no tokens; a spooled entry of none is settled by
+    replay rather than refused (and retried, logged) for ever."""
+    await create(api, "spool:zero", 1_000)
+    async with BudgetClient(api.address, spool_dir=tmp_path / "spool") as budgets:
+        budgets.spool.add(
+            SpoolEntry(
+                idempotency_key="zero-1", budget_id="spool:zero", model="gpt-4o", usage=Usage()
+            )
+        )
+        assert await budgets.replay_spool() == 1
+        assert not budgets.spool.entries()
+    assert (await _spent(api, "spool:zero")).spent == 0
+    await assert_ledger_clean(api)
