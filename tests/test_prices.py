@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 import subprocess
@@ -321,7 +322,9 @@ async def test_delete_price_falls_back_to_the_family(api: Stubs) -> None:
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_import_litellm_file(api: Stubs, clock: ManualClock) -> None:
+async def test_import_litellm_file(
+    api: Stubs, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
     await set_price(api, "gpt-x", (1, 1, 1))  # replaced by the import
     response = await api.admin.ImportPrices(
         pb.ImportPricesRequest(litellm_json=litellm_file(SMALL_LITELLM), source="test file v1")
@@ -342,6 +345,7 @@ async def test_import_litellm_file(api: Stubs, clock: ManualClock) -> None:
     assert committed.charged == (600 * 150 + 400 * 75 + 500 * 600)  # $0.00042
 
     # Without a source the import is dated by the server's clock.
+    caplog.set_level(logging.INFO, logger="budgetd.prices")
     again = await api.admin.ImportPrices(
         pb.ImportPricesRequest(litellm_json=litellm_file({"gpt-x": SMALL_LITELLM["gpt-x"]}))
     )
@@ -349,6 +353,8 @@ async def test_import_litellm_file(api: Stubs, clock: ManualClock) -> None:
     stored = await get_price(api, "gpt-x")
     assert stored is not None
     assert stored.source.startswith("import (20")
+    logged = [r.getMessage() for r in caplog.records if r.name == "budgetd.prices"]
+    assert logged[-1].endswith(f"source {stored.source!r}")  # the source recorded, not ''
 
 
 async def test_import_refuses_malformed_files(api: Stubs) -> None:

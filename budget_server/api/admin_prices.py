@@ -81,17 +81,17 @@ class PriceAdmin(AdminBase):
                 f"litellm_json is {size:,} bytes; the maximum is {IMPORT_BYTES_MAX:,} "
                 f"({IMPORT_BYTES_MAX // 2**20} MiB)"
             )
-        imported, skipped = await store.import_prices(
+        outcome = await store.import_prices(
             self.ledger.db, request.litellm_json, request.source, self._now_us()
         )
         log.info(
             "imported %d prices (%d entries skipped) from %d bytes, source %r",
-            imported,
-            skipped,
+            outcome.imported,
+            outcome.skipped,
             size,
-            request.source,
+            outcome.source,
         )
-        return pb.ImportPricesResponse(imported=imported, skipped=skipped)
+        return pb.ImportPricesResponse(imported=outcome.imported, skipped=outcome.skipped)
 
     @unary
     async def DeletePrice(

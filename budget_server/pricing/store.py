@@ -13,7 +13,7 @@ import base64
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -143,8 +143,14 @@ def default_import_source(now_us: int) -> str:
     return f"import ({day})"
 
 
-async def import_prices(db: Database, raw: bytes, source: str, now_us: int) -> tuple[int, int]:
-    """Upsert every price in a LiteLLM-format file; return (imported, skipped).
+class Imported(NamedTuple):
+    imported: int
+    skipped: int
+    source: str  # as recorded with each price: given, the file's own, or "import (date)"
+
+
+async def import_prices(db: Database, raw: bytes, source: str, now_us: int) -> Imported:
+    """Upsert every price in a LiteLLM-format file; return what was imported and skipped.
 
     Skipped counts entries that are not chat models with per-token prices and those whose
     prices are not exact (see budget_server.pricing.litellm).
@@ -158,7 +164,7 @@ async def import_prices(db: Database, raw: bytes, source: str, now_us: int) -> t
     rows = [_row(p, source, now_us) for p in conversion.prices]
     if rows:
         await _write(db, rows, replace=True)
-    return len(rows), conversion.skipped + len(conversion.refused)
+    return Imported(len(rows), conversion.skipped + len(conversion.refused), source)
 
 
 def _encode_token(model: str) -> str:
