@@ -305,6 +305,10 @@ async def test_an_expiry_whose_usage_cannot_be_charged_still_ends_the_reservatio
     assert (budget.spent, budget.reserved) == (2**62 + 256, 0)
     await assert_ledger_clean(api)
     await api.admin.DeleteBudget(pb.DeleteBudgetRequest(id="expiry:absurd"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.budget.GetBudget(pb.GetBudgetRequest(budget_id="expiry:absurd"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == "budget 'expiry:absurd' was deleted"
 
 
 async def test_a_repeated_commit_or_release_says_it_was_a_replay(api: Stubs) -> None:

@@ -338,6 +338,11 @@ async def get_budget_chain(db: Database, budget_id: str, now_us: int) -> list[Bu
                 )
             ).first()
             if row is None:
+                deleted = await conn.execute(
+                    select(budgets.c.deleted_at_us).where(budgets.c.id == current)
+                )
+                if deleted.first() is not None:  # its id stays taken, so say why it is gone
+                    raise NotFound(f"budget {current!r} was deleted")
                 raise NotFound(f"budget {current!r} does not exist")
             chain.append(effective_view(BudgetState.from_row(row), now_us))
             current = row.parent_id
