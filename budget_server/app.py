@@ -36,7 +36,7 @@ from budget_server.events.bus import EventBus
 from budget_server.events.pg_listener import listen_forever
 from budget_server.ledger.ledger import Ledger
 from budget_server.ledger.sweeper import run_sweeper
-from budget_server.limits import STREAMS_PER_CONNECTION_MAX
+from budget_server.limits import PING_INTERVAL_WITHOUT_DATA_MIN_MS, STREAMS_PER_CONNECTION_MAX
 from budget_server.meter.registry import SessionRegistry
 from budget_server.metrics import Metrics
 from budget_server.pricing.store import seed_prices
@@ -105,6 +105,12 @@ class BudgetServer:
                 ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
                 ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION_MAX),
                 ("grpc.so_reuseport", 0),
+                # Accept the clients' keepalive pings, also between calls (limits.py).
+                ("grpc.keepalive_permit_without_calls", 1),
+                (
+                    "grpc.http2.min_ping_interval_without_data_ms",
+                    PING_INTERVAL_WITHOUT_DATA_MIN_MS,
+                ),
             ]
         )
         self._server = server  # from here on, stop() must stop it

@@ -36,4 +36,9 @@ SWEEP_BATCH_MAX: Final = 500
 # calls left open) had gRPC cancel other clients' calls. budget_client asks gRPC to open
 # more connections when one is full (gRFC A105), so an app is not held to this.
 STREAMS_PER_CONNECTION_MAX: Final = 250
+# Clients ping every 10 s to notice a dead connection under an idle meter stream (the
+# client's grpc.keepalive_time_ms). gRPC servers by default allow one ping without data
+# per 5 minutes and answer the third early one with GOAWAY "too_many_pings", which broke
+# every idle stream about every 30 s. Half the client's interval, so jitter is no strike.
+PING_INTERVAL_WITHOUT_DATA_MIN_MS: Final = 5_000
 DEFAULT_THRESHOLDS_PCT: Final = (50, 70, 90, 100)
