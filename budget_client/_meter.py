@@ -482,6 +482,14 @@ class Meter:
         # stream can finish behind our back, then commit by unary call: Commit is
         # idempotent, so a finish that did reach budgetd is not charged twice.
         await self._stop_supervisor()
+        if self._client.state == "closed":  # its channel is gone: keep the usage on disk
+            log.warning(
+                "the BudgetClient was closed under a live meter; reservation %s's usage is "
+                "spooled for the next client on %s to replay",
+                self.reservation_id,
+                self._client.config.spool_dir,
+            )
+            return self._spool()
         config = self._client.config
         deadline = loop.time() + config.finish_timeout_s
         pause = config.reconnect_backoff_s[0]

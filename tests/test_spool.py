@@ -202,3 +202,26 @@ async def test_a_spooled_call_that_used_no_tokens_is_settled_without_a_charge(
         assert not budgets.spool.entries()
     assert (await _spent(api, "spool:zero")).spent == 0
     await assert_ledger_clean(api)
+
+
+async def test_a_meter_outliving_its_client_spools_its_usage_for_the_next(
+    api: Stubs, tmp_path: Path
+) -> None:
+    """An app that closes its BudgetClient while a meter is still open: the meter's end
+    used to raise RuntimeError("the BudgetClient is closed") and lose its usage. Now it is
+    spooled, and the next client on the spool commits it."""
+    await create(api, "spool:closed", 10_000)
+    spool_dir = tmp_path / "spool"
+    budgets = BudgetClient(api.address, spool_dir=spool_dir)
+    async with budgets.meter("spool:closed", model="gpt-4o", prompt_tokens=9) as meter:
+        meter.add_output_tokens(30)
+        await budgets.close()
+        meter.add_output_tokens(70)
+    committed = meter.committed
+    assert committed is not None
+    assert committed.spooled
+    async with BudgetClient(api.address, spool_dir=spool_dir) as later:
+        await wait_until(lambda: not later.spool.entries(), what="the spool to drain")
+    budget = await _spent(api, "spool:closed")
+    assert (budget.spent, budget.reserved) == (9 + 100, 0)
+    await assert_ledger_clean(api)
