@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -198,6 +199,14 @@ class _CutOff(Generic[MeterT]):
             if self.meter.aborted is not None:
                 self.meter.aborted.uncounted_tail = True
 
+    def _leaving_early(self) -> bool:
+        """Whether the app leaves a response before its end (it stopped reading, or never
+        started). If so, half-close it now: the provider bills what it sends until it sees
+        the close, so the caller reads on, counting, as the cut-off does."""
+        if self._reading:
+            _shutdown_socket(self._stream.response, socket.SHUT_WR)
+        return self._reading
+
     @property
     def response(self) -> Any:
         return self._stream.response
@@ -209,6 +218,19 @@ class _CutOff(Generic[MeterT]):
 class MeteredAsyncStream(_CutOff[Meter]):
     """An openai AsyncStream that is counted, and cut off when the budget is gone."""
 
+    # One iterator over the SDK's stream, which the app's iteration and `close`'s reading
+    # on both continue (each `async for` over an AsyncStream makes a generator of its own).
+    _upstream: AsyncIterator[Any] | None = None
+    # `close` runs once at a time: an app that breaks out of its `async for` inside
+    # `async with` closes the stream while asyncio finalises the abandoned iteration,
+    # whose `finally` closes it too; two readings-on of one response lose chunks.
+    _closing: asyncio.Lock | None = None
+
+    def _chunks(self) -> AsyncIterator[Any]:
+        if self._upstream is None:
+            self._upstream = aiter(self._stream)
+        return self._upstream
+
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
 
@@ -219,7 +241,25 @@ class MeteredAsyncStream(_CutOff[Meter]):
         await self.close()
 
     async def close(self) -> None:
-        """Close the upstream connection and commit what was used."""
+        """Close the upstream connection and commit what was used: left before its end,
+        what the provider sent until it saw the close too (`_leaving_early`), except when
+        the app's task is being cancelled, which wants out at once."""
+        if self._closing is None:
+            self._closing = asyncio.Lock()
+        async with self._closing:
+            await self._close_once()
+
+    async def _close_once(self) -> None:
+        task = asyncio.current_task()
+        if self._leaving_early() and not (task is not None and task.cancelling()):
+            bound = asyncio.get_running_loop().call_later(COUNT_AFTER_CUT_S, self._stop_reading)
+            try:
+                async for chunk in self._chunks():
+                    count_chunk(self.meter, chunk)
+            except Exception:
+                pass  # the socket we shut, or the provider's own end of the response
+            finally:
+                bound.cancel()
         self._reading = False
         await self._stream.close()
         await self.meter.finish()
@@ -228,7 +268,7 @@ class MeteredAsyncStream(_CutOff[Meter]):
         unyielded = 0
         try:
             try:
-                async for chunk in self._stream:
+                async for chunk in self._chunks():
                     handed_on = self._count_and_hand_on(chunk)
                     unyielded += 1
                     if unyielded == YIELD_EVERY_CHUNKS:
@@ -237,8 +277,11 @@ class MeteredAsyncStream(_CutOff[Meter]):
                     if handed_on:
                         yield chunk
             except Exception:
+                self._reading = False  # the connection failed, or we shut it
                 if self.meter.aborted is None:
                     raise  # a real upstream failure, not our shutdown of the socket
+            else:
+                self._reading = False  # the provider ended the response
         finally:
             await self.close()  # also when the app stops reading early
         self.meter.raise_if_aborted()
@@ -304,6 +347,19 @@ class MeteredStream(_CutOff[SyncMeter]):
         self.close()
 
     def close(self) -> None:
+        """Close the upstream connection and commit what was used: left before its end,
+        what the provider sent until it saw the close too (`_leaving_early`)."""
+        if self._leaving_early():
+            bound = threading.Timer(COUNT_AFTER_CUT_S, self._stop_reading)
+            bound.daemon = True
+            bound.start()
+            try:
+                for chunk in self._stream:
+                    count_chunk(self.meter, chunk)
+            except Exception:
+                pass  # the socket we shut, or the provider's own end of the response
+            finally:
+                bound.cancel()
         self._reading = False
         self._stream.close()
         self.meter.finish()
@@ -315,8 +371,11 @@ class MeteredStream(_CutOff[SyncMeter]):
                     if self._count_and_hand_on(chunk):
                         yield chunk
             except Exception:
+                self._reading = False  # the connection failed, or we shut it
                 if self.meter.aborted is None:
                     raise  # a real upstream failure, not our shutdown of the socket
+            else:
+                self._reading = False  # the provider ended the response
         finally:
             self.close()  # also when the app stops reading early
         self.meter.raise_if_aborted()

@@ -60,6 +60,7 @@ TOOLS: list[ChatCompletionToolParam] = [
 ]
 
 RUNAWAY_TOKENS = 5000
+APP_WORK_S = 0.2  # an app that stops reading early works on what it read first
 RUNAWAY_RATE = 500  # tokens/s: a fast model; 1,000 tokens take 2 s
 ABORT_PATH_S = 1.0
 """Latency allowed on the abort path: from the client's count reaching the grant (a final
@@ -106,7 +107,12 @@ class Outcome:
 
 
 async def _call_async(
-    address: str, spool_dir: Path, base_url: str, budget_id: str, **kwargs: Any
+    address: str,
+    spool_dir: Path,
+    base_url: str,
+    budget_id: str,
+    stop_after: int | None = None,
+    **kwargs: Any,
 ) -> Outcome:
     chunks: list[ChatCompletionChunk] = []
     reservation_id = ""
@@ -123,15 +129,24 @@ async def _call_async(
                 return Outcome([], None, "", completion=result)
             assert isinstance(result, MeteredAsyncStream)
             reservation_id = result.meter.reservation_id
-            async for chunk in result:
-                chunks.append(chunk)
+            async with result:  # closed on leaving, as the SDK's own streams are
+                async for chunk in result:
+                    chunks.append(chunk)
+                    if len(chunks) == stop_after:
+                        await asyncio.sleep(APP_WORK_S)  # the provider sends on meanwhile
+                        break
         except BudgetExceeded as error:
             return Outcome(chunks, error, reservation_id)
     return Outcome(chunks, None, reservation_id)
 
 
 def _call_sync(
-    address: str, spool_dir: Path, base_url: str, budget_id: str, **kwargs: Any
+    address: str,
+    spool_dir: Path,
+    base_url: str,
+    budget_id: str,
+    stop_after: int | None = None,
+    **kwargs: Any,
 ) -> Outcome:
     chunks: list[ChatCompletionChunk] = []
     reservation_id = ""
@@ -147,8 +162,12 @@ def _call_sync(
             if not kwargs.get("stream"):
                 return Outcome([], None, "", completion=result)
             reservation_id = result.meter.reservation_id
-            for chunk in result:
-                chunks.append(chunk)
+            with result:
+                for chunk in result:
+                    chunks.append(chunk)
+                    if len(chunks) == stop_after:
+                        time.sleep(APP_WORK_S)  # the provider sends on meanwhile
+                        break
         except BudgetExceeded as error:
             return Outcome(chunks, error, reservation_id)
     return Outcome(chunks, None, reservation_id)
@@ -244,6 +263,42 @@ async def test_a_runaway_stream_is_cut_off_at_the_budget(
     figures = await spent(api, budget_id)
     assert (figures.spent, figures.reserved) == (error.charged, 0)
     assert figures.overage == error.charged - 1000
+    await assert_ledger_clean(api)
+
+
+async def test_an_app_that_leaves_early_is_charged_what_the_provider_sent(
+    api: Stubs, tmp_path: Path, fake: FakeOpenAIServer, enc: tiktoken.Encoding, flavour: str
+) -> None:
+    """The app stops reading after a few chunks and closes the stream. The provider bills
+    what it sent until it saw the close, so the client half-closes and reads on, counting
+    without handing on, as after a cut-off. It used to charge only what the app had read."""
+    budget_id = f"oai:early-{flavour}"
+    await create(api, budget_id, 100_000)
+    outcome = await call_app(
+        flavour,
+        api,
+        tmp_path,
+        fake,
+        budget_id,
+        stop_after=5,
+        stream=True,
+        extra_headers={"x-fake-tokens": "3000", "x-fake-rate": "2000"},
+    )
+    assert outcome.error is None
+    assert len(outcome.chunks) == 5
+    record = await finished_record(fake, outcome.chunks[0].id)
+    assert record.disconnected
+    assert not record.completed
+    sent = len(enc.encode(record.text_sent))
+    assert sent == record.tokens_sent
+    assert sent > 5, "the provider saw the close before it sent more than the app read"
+
+    entries = await reservation_entries(api, budget_id, outcome.reservation_id)
+    commit = entries[-1]
+    assert commit.kind == pb.ENTRY_KIND_COMMIT
+    assert commit.usage.output_tokens == sent  # every token sent, not the 5 the app read
+    figures = await spent(api, budget_id)
+    assert (figures.spent, figures.reserved) == (record.prompt_tokens + sent, 0)
     await assert_ledger_clean(api)
 
 
