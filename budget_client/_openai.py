@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -175,7 +176,16 @@ class _CutOff(Generic[MeterT]):
         self.meter: MeterT = meter
         self._hide_usage_chunk = hide_usage_chunk
         self._reading = True  # the connection is still ours: not yet ended, pooled or closed
-        meter.on_abort(self._cut_off)
+        # Held weakly: the meter lives as long as its stream to budgetd (its heartbeats keep
+        # the reservation open), so a strong reference from it would keep a stream the app
+        # dropped unread alive too, never closed or charged (`_abandoned` ends it instead).
+        cut_off = weakref.WeakMethod(self._cut_off)
+
+        def on_abort(error: BudgetExceeded) -> None:
+            if (method := cut_off()) is not None:
+                method(error)
+
+        meter.on_abort(on_abort)
 
     def _count_and_hand_on(self, chunk: Any) -> bool:
         """Count `chunk`; whether the app gets it. Not after the cut: the provider sent it
@@ -226,6 +236,11 @@ class MeteredAsyncStream(_CutOff[Meter]):
     # whose `finally` closes it too; two readings-on of one response lose chunks.
     _closing: asyncio.Lock | None = None
 
+    def __init__(self, stream: Any, meter: Meter, hide_usage_chunk: bool) -> None:
+        super().__init__(stream, meter, hide_usage_chunk)
+        loop = asyncio.get_running_loop()
+        self._abandoned = weakref.finalize(self, _end_abandoned, loop, stream, meter)
+
     def _chunks(self) -> AsyncIterator[Any]:
         if self._upstream is None:
             self._upstream = aiter(self._stream)
@@ -250,14 +265,12 @@ class MeteredAsyncStream(_CutOff[Meter]):
             await self._close_once()
 
     async def _close_once(self) -> None:
+        self._abandoned.detach()
         task = asyncio.current_task()
         if self._leaving_early() and not (task is not None and task.cancelling()):
             bound = asyncio.get_running_loop().call_later(COUNT_AFTER_CUT_S, self._stop_reading)
             try:
-                async for chunk in self._chunks():
-                    count_chunk(self.meter, chunk)
-            except Exception:
-                pass  # the socket we shut, or the provider's own end of the response
+                await _count_the_rest(self._chunks(), self.meter)
             finally:
                 bound.cancel()
         self._reading = False
@@ -285,6 +298,42 @@ class MeteredAsyncStream(_CutOff[Meter]):
         finally:
             await self.close()  # also when the app stops reading early
         self.meter.raise_if_aborted()
+
+
+async def _count_the_rest(chunks: AsyncIterator[Any], meter: Meter) -> None:
+    """Read a half-closed response to its end, counting what the provider sent."""
+    with contextlib.suppress(Exception):  # the socket we shut, or the provider's own end
+        async for chunk in chunks:
+            count_chunk(meter, chunk)
+
+
+def _end_abandoned(loop: asyncio.AbstractEventLoop, stream: Any, meter: Meter) -> None:
+    """A stream the app dropped without reading it to its end or closing it (the garbage
+    collector took the wrapper): end it as `close` would, on its loop."""
+
+    async def end() -> None:
+        _shutdown_socket(stream.response, socket.SHUT_WR)
+        bound = loop.call_later(
+            COUNT_AFTER_CUT_S, _shutdown_socket, stream.response, socket.SHUT_RDWR
+        )
+        try:
+            await _count_the_rest(aiter(stream), meter)
+        finally:
+            bound.cancel()
+        await stream.close()
+        await meter.finish()
+
+    def start() -> None:
+        task = loop.create_task(end(), name="budgetd-abandoned-stream")
+        _ABANDONED.add(task)
+        task.add_done_callback(_ABANDONED.discard)
+
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(start)
+
+
+# Tasks ending abandoned streams, held until done (the loop keeps only weak references).
+_ABANDONED: set[asyncio.Task[None]] = set()
 
 
 class _AsyncCompletions:
@@ -337,6 +386,10 @@ class _AsyncCompletions:
 class MeteredStream(_CutOff[SyncMeter]):
     """An openai Stream (sync) that is counted, and cut off when the budget is gone."""
 
+    def __init__(self, stream: Any, meter: SyncMeter, hide_usage_chunk: bool) -> None:
+        super().__init__(stream, meter, hide_usage_chunk)
+        self._abandoned = weakref.finalize(self, _end_abandoned_sync, stream, meter)
+
     def __iter__(self) -> Iterator[Any]:
         return self._iterate()
 
@@ -349,6 +402,7 @@ class MeteredStream(_CutOff[SyncMeter]):
     def close(self) -> None:
         """Close the upstream connection and commit what was used: left before its end,
         what the provider sent until it saw the close too (`_leaving_early`)."""
+        self._abandoned.detach()
         if self._leaving_early():
             bound = threading.Timer(COUNT_AFTER_CUT_S, self._stop_reading)
             bound.daemon = True
@@ -379,6 +433,14 @@ class MeteredStream(_CutOff[SyncMeter]):
         finally:
             self.close()  # also when the app stops reading early
         self.meter.raise_if_aborted()
+
+
+def _end_abandoned_sync(stream: Any, meter: SyncMeter) -> None:
+    """A sync stream the app dropped unread and unclosed: shut its connection and commit
+    what was counted. Not read on, unlike `close`: the collector runs in whatever thread
+    drops the last reference, which must not wait on the network."""
+    _shutdown_socket(stream.response, socket.SHUT_RDWR)
+    meter.finish_soon()
 
 
 class _Completions:

@@ -195,6 +195,13 @@ class SyncMeter:
         if self._meter.aborted is not None:
             raise self._meter.aborted
 
+    def finish_soon(self) -> None:
+        """Finish on the client's loop without waiting: for a stream the garbage collector
+        ends, in whatever thread it runs (the loop's own included, where waiting would
+        never end)."""
+        if not self._client.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._meter.finish(), self._client.loop)
+
     def finish(self) -> Committed:
         committed = self._client.run(self._meter.finish())
         if self._meter.aborted is not None:

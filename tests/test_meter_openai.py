@@ -12,6 +12,7 @@ event loop, which must stay free to serve it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import math
 import time
@@ -41,7 +42,7 @@ from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_client._tokenizer import count_chat_prompt_tokens, get_encoding_for_model
 from budget_client.testing import FakeOpenAIServer, RequestRecord
 from tests.support.ledger import all_entries, assert_ledger_clean, create
-from tests.support.meter import WAIT_S
+from tests.support.meter import WAIT_S, wait_until
 from tests.support.servers import Stubs
 
 MODEL = "gpt-4o"  # o200k_base, the fake's tokenizer
@@ -299,6 +300,91 @@ async def test_an_app_that_leaves_early_is_charged_what_the_provider_sent(
     assert commit.usage.output_tokens == sent  # every token sent, not the 5 the app read
     figures = await spent(api, budget_id)
     assert (figures.spent, figures.reserved) == (record.prompt_tokens + sent, 0)
+    await assert_ledger_clean(api)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the client's own clean-up is under test
+async def test_a_stream_the_app_drops_unread_is_ended_and_charged(
+    api: Stubs, tmp_path: Path, fake: FakeOpenAIServer, enc: tiktoken.Encoding
+) -> None:
+    """An app that creates a stream and drops it without reading or closing it: the plain
+    SDK's response is closed by the garbage collector; the metered one was kept alive by
+    its meter, whose heartbeats held the reservation open as long as the process ran,
+    charging nothing of what the provider sent."""
+    budget_id = "oai:dropped"
+    await create(api, budget_id, 100_000)
+    async with (
+        BudgetClient(api.address, spool_dir=tmp_path / "spool") as budgets,
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key="test", max_retries=0) as raw,
+    ):
+        client: Any = wrap_openai(raw, budgets)
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            budget=budget_id,
+            stream=True,
+            extra_headers={"x-fake-tokens": "2999", "x-fake-rate": "2000"},  # this test's
+        )
+        reservation_id = stream.meter.reservation_id
+        await asyncio.sleep(APP_WORK_S)  # the provider sends meanwhile
+        del stream
+        gc.collect()
+
+        async def committed() -> pb.LedgerEntry | None:
+            entries = await reservation_entries(api, budget_id, reservation_id)
+            return next((e for e in entries if e.kind == pb.ENTRY_KIND_COMMIT), None)
+
+        commit = await wait_until(committed, "the dropped stream's commit")
+    record = await fake.wait_for_async(
+        lambda r: r.tokens_planned == 2999 and r.finished_at is not None
+    )
+    assert record.disconnected
+    sent = len(enc.encode(record.text_sent))
+    assert sent > 0
+    assert commit.usage.output_tokens == sent  # what the provider sent, read on and counted
+    figures = await spent(api, budget_id)
+    assert (figures.spent, figures.reserved) == (record.prompt_tokens + sent, 0)
+    await assert_ledger_clean(api)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the client's own clean-up is under test
+async def test_a_sync_stream_the_app_drops_unread_is_ended_and_committed(
+    api: Stubs, tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    """The sync flavour's dropped stream is shut and committed at what was counted (its
+    collector may run in any thread, so it does not read on)."""
+    budget_id = "oai:dropped-sync"
+    await create(api, budget_id, 100_000)
+
+    def app() -> str:
+        with (
+            SyncBudgetClient(api.address, spool_dir=tmp_path / "spool") as budgets,
+            openai.OpenAI(base_url=fake.base_url, api_key="test", max_retries=0) as raw,
+        ):
+            client: Any = wrap_openai(raw, budgets)
+            stream = client.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                budget=budget_id,
+                stream=True,
+                extra_headers={"x-fake-tokens": "2998", "x-fake-rate": "2000"},
+            )
+            reservation_id: str = stream.meter.reservation_id
+            del stream
+            gc.collect()
+            time.sleep(APP_WORK_S)  # the client's loop commits meanwhile
+            return reservation_id
+
+    reservation_id = await asyncio.to_thread(app)
+    entries = await reservation_entries(api, budget_id, reservation_id)
+    assert [e.kind for e in entries][-1] == pb.ENTRY_KIND_COMMIT
+    record = await fake.wait_for_async(
+        lambda r: r.tokens_planned == 2998 and r.finished_at is not None
+    )
+    assert record.disconnected
+    assert not record.completed
+    figures = await spent(api, budget_id)
+    assert (figures.spent, figures.reserved) == (record.prompt_tokens, 0)
     await assert_ledger_clean(api)
 
 
