@@ -60,6 +60,7 @@ class BudgetClient:
         self._channel: grpc.aio.Channel | None = None
         self._budget: pb_grpc.BudgetServiceAsyncStub | None = None
         self._replayer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop its channel is bound to
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -84,12 +85,21 @@ class BudgetClient:
     async def _budget_stub(self) -> pb_grpc.BudgetServiceAsyncStub:
         if self.state == "closed":
             raise RuntimeError("the BudgetClient is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            # grpc.aio binds a channel to the loop it was made in; on another loop its
+            # calls fail with "Event loop is closed" or hang, far from the cause.
+            raise RuntimeError(
+                "this BudgetClient was first used in another event loop (each asyncio.run "
+                "makes a new one); make a BudgetClient per loop"
+            )
         if self._budget is None:
+            self._loop = loop
             self._channel = open_channel(self.config)
             if self.config.drain_grpc_wakeups:
                 # A busy app loop would otherwise hold back this process's gRPC
                 # completions for seconds at a time (see _grpc_wakeup).
-                drain_wakeups_on(asyncio.get_running_loop())
+                drain_wakeups_on(loop)
             self._budget = pb_grpc.BudgetServiceStub(self._channel)
             self.state = "open"
             if self.spool.entries():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,16 @@ def test_the_defaults_are_accepted() -> None:
     config = ClientConfig()
     assert config.usage_report_interval_s == 0.25
     assert config.fail_policy == "open"
+
+
+def test_a_client_used_in_a_second_event_loop_says_so(tmp_path: Path) -> None:
+    """grpc.aio binds the channel to its first loop; a second asyncio.run used to fail
+    with "Event loop is closed" from deep inside grpc."""
+    client = BudgetClient("127.0.0.1:1", spool_dir=tmp_path / "spool")
+
+    async def use() -> None:
+        await client._budget_stub()
+
+    asyncio.run(use())
+    with pytest.raises(RuntimeError, match="first used in another event loop"):
+        asyncio.run(use())
