@@ -240,6 +240,7 @@ class MeteredAsyncStream(_CutOff[Meter]):
         super().__init__(stream, meter, hide_usage_chunk)
         loop = asyncio.get_running_loop()
         self._abandoned = weakref.finalize(self, _end_abandoned, loop, stream, meter)
+        self._abandoned.atexit = False  # at exit the loop is gone; the reservation expires
 
     def _chunks(self) -> AsyncIterator[Any]:
         if self._upstream is None:
@@ -389,6 +390,7 @@ class MeteredStream(_CutOff[SyncMeter]):
     def __init__(self, stream: Any, meter: SyncMeter, hide_usage_chunk: bool) -> None:
         super().__init__(stream, meter, hide_usage_chunk)
         self._abandoned = weakref.finalize(self, _end_abandoned_sync, stream, meter)
+        self._abandoned.atexit = False  # at exit the loop is gone; the reservation expires
 
     def __iter__(self) -> Iterator[Any]:
         return self._iterate()
