@@ -12,11 +12,12 @@ event loop, which must stay free to serve it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -192,6 +193,26 @@ async def call_app(
     )
 
 
+@contextlib.asynccontextmanager
+async def metered_stream(
+    api: Stubs, tmp_path: Path, fake: Provider, budget_id: str, tokens: int, rate: float
+) -> AsyncIterator[MeteredAsyncStream]:
+    """An async metered stream of `tokens` at `rate` tokens/s (0: all at once), with its
+    client and SDK open for the block."""
+    async with (
+        BudgetClient(api.address, spool_dir=tmp_path / "spool") as budgets,
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key="test", max_retries=0) as raw,
+    ):
+        client: Any = wrap_openai(raw, budgets)
+        yield await client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            budget=budget_id,
+            stream=True,
+            extra_headers={"x-fake-tokens": str(tokens), "x-fake-rate": str(rate)},
+        )
+
+
 async def finished_record(fake: FakeOpenAIServer, request_id: str) -> RequestRecord:
     async with asyncio.timeout(WAIT_S):
         return await fake.wait_for_async(
@@ -313,18 +334,8 @@ async def test_a_stream_the_app_drops_unread_is_ended_and_charged(
     charging nothing of what the provider sent."""
     budget_id = "oai:dropped"
     await create(api, budget_id, 100_000)
-    async with (
-        BudgetClient(api.address, spool_dir=tmp_path / "spool") as budgets,
-        openai.AsyncOpenAI(base_url=fake.base_url, api_key="test", max_retries=0) as raw,
-    ):
-        client: Any = wrap_openai(raw, budgets)
-        stream = await client.chat.completions.create(
-            model=MODEL,
-            messages=MESSAGES,
-            budget=budget_id,
-            stream=True,
-            extra_headers={"x-fake-tokens": "2999", "x-fake-rate": "2000"},  # this test's
-        )
+    # 2,999 tokens: this test's request among the module's fake's records.
+    async with metered_stream(api, tmp_path, fake, budget_id, 2999, 2000) as stream:
         reservation_id = stream.meter.reservation_id
         await asyncio.sleep(APP_WORK_S)  # the provider sends meanwhile
         del stream
@@ -576,18 +587,7 @@ async def test_a_backlog_of_chunks_lets_the_event_loop_run_every_few_chunks(
     yields in a loop runs once for every turn the iteration gives up."""
     budget_id = "oai:backlog"
     await create(api, budget_id, 1_000_000)
-    async with (
-        BudgetClient(api.address, spool_dir=tmp_path / "spool") as budgets,
-        openai.AsyncOpenAI(base_url=fake.base_url, api_key="test", max_retries=0) as raw,
-    ):
-        client: Any = wrap_openai(raw, budgets)
-        stream = await client.chat.completions.create(
-            model=MODEL,
-            messages=MESSAGES,
-            budget=budget_id,
-            stream=True,
-            extra_headers={"x-fake-tokens": "3000", "x-fake-rate": "0"},
-        )
+    async with metered_stream(api, tmp_path, fake, budget_id, 3000, 0) as stream:
         await asyncio.sleep(0.5)  # the whole response waits in the socket: a backlog
         turns = 0
         iterating = True
