@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 FailPolicy = Literal["open", "closed"]
 
@@ -68,7 +68,7 @@ class ClientConfig:
             object.__setattr__(self, "addresses", (self.addresses,))
         if not self.addresses or not all(isinstance(a, str) and a for a in self.addresses):
             raise ValueError(f"addresses must name at least one host:port, got {self.addresses!r}")
-        if self.fail_policy not in ("open", "closed"):
+        if self.fail_policy not in get_args(FailPolicy):
             raise ValueError(f"fail_policy must be 'open' or 'closed', got {self.fail_policy!r}")
         for name in (
             "timeout_s",

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from budget_client._client import BudgetClient
@@ -269,11 +270,7 @@ class MeteredAsyncStream(_CutOff[Meter]):
         self._abandoned.detach()
         task = asyncio.current_task()
         if self._leaving_early() and not (task is not None and task.cancelling()):
-            bound = asyncio.get_running_loop().call_later(COUNT_AFTER_CUT_S, self._stop_reading)
-            try:
-                await _count_the_rest(self._chunks(), self.meter)
-            finally:
-                bound.cancel()
+            await _read_on(self._chunks(), self.meter, self._stop_reading)
         self._reading = False
         await self._stream.close()
         await self.meter.finish()
@@ -301,11 +298,18 @@ class MeteredAsyncStream(_CutOff[Meter]):
         self.meter.raise_if_aborted()
 
 
-async def _count_the_rest(chunks: AsyncIterator[Any], meter: Meter) -> None:
-    """Read a half-closed response to its end, counting what the provider sent."""
-    with contextlib.suppress(Exception):  # the socket we shut, or the provider's own end
-        async for chunk in chunks:
-            count_chunk(meter, chunk)
+async def _read_on(
+    chunks: AsyncIterator[Any], meter: Meter, stop_reading: Callable[[], None]
+) -> None:
+    """Read a half-closed response to its end, counting what the provider sent; call
+    `stop_reading` (which shuts the socket) if it is still sending COUNT_AFTER_CUT_S on."""
+    bound = asyncio.get_running_loop().call_later(COUNT_AFTER_CUT_S, stop_reading)
+    try:
+        with contextlib.suppress(Exception):  # the socket we shut, or the provider's end
+            async for chunk in chunks:
+                count_chunk(meter, chunk)
+    finally:
+        bound.cancel()
 
 
 def _end_abandoned(loop: asyncio.AbstractEventLoop, stream: Any, meter: Meter) -> None:
@@ -314,13 +318,11 @@ def _end_abandoned(loop: asyncio.AbstractEventLoop, stream: Any, meter: Meter) -
 
     async def end() -> None:
         _shutdown_socket(stream.response, socket.SHUT_WR)
-        bound = loop.call_later(
-            COUNT_AFTER_CUT_S, _shutdown_socket, stream.response, socket.SHUT_RDWR
+        await _read_on(
+            aiter(stream),
+            meter,
+            functools.partial(_shutdown_socket, stream.response, socket.SHUT_RDWR),
         )
-        try:
-            await _count_the_rest(aiter(stream), meter)
-        finally:
-            bound.cancel()
         await stream.close()
         await meter.finish()
 

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TypeVar
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -28,7 +28,10 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"BUDGETD_{name}", default)
 
 
-def _number(text: str, convert: type[float] | type[int], lowest: float, inclusive: bool) -> Any:
+Number = TypeVar("Number", int, float)
+
+
+def _number(text: str, convert: type[Number], lowest: Number, inclusive: bool) -> Number:
     """argparse's type for a bounded number; a bad flag or BUDGETD_* value is a usage
     error naming it (argparse converts string defaults through `type` as well)."""
     try:
@@ -42,15 +45,15 @@ def _number(text: str, convert: type[float] | type[int], lowest: float, inclusiv
 
 
 def _seconds_above_zero(text: str) -> float:
-    return float(_number(text, float, 0, inclusive=False))
+    return _number(text, float, 0.0, inclusive=False)
 
 
 def _seconds_at_least_zero(text: str) -> float:
-    return float(_number(text, float, 0, inclusive=True))
+    return _number(text, float, 0.0, inclusive=True)
 
 
 def _count_at_least_one(text: str) -> int:
-    return int(_number(text, int, 1, inclusive=True))
+    return _number(text, int, 1, inclusive=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

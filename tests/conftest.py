@@ -50,6 +50,18 @@ async def server(db_url: str, clock: ManualClock) -> AsyncIterator[BudgetServer]
 
 
 @pytest.fixture
+async def secured(db_url: str, tmp_path: Path) -> AsyncIterator[tuple[BudgetServer, str]]:
+    """budgetd with API keys on, as in production: its first admin key is written to
+    budgetd-admin.key in tmp_path (where budgetctl run there finds it); yields the server
+    and that key."""
+    key_file = tmp_path / "budgetd-admin.key"
+    config = ServerConfig(listen="127.0.0.1:0", db_url=db_url, admin_key_file=str(key_file))
+    async with BudgetServer(config) as server:
+        assert server.admin_key_path == key_file
+        yield server, key_file.read_text().strip()
+
+
+@pytest.fixture
 async def api(server: BudgetServer) -> AsyncIterator[Stubs]:
     async with stubs(server.address) as connected:
         yield connected

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,6 @@ from tests.support.servers import Stubs, server_processes, stubs
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
-
-
-@pytest.fixture
-async def secured(db_url: str, tmp_path: Path) -> AsyncIterator[tuple[BudgetServer, str]]:
-    config = ServerConfig(
-        listen="127.0.0.1:0", db_url=db_url, admin_key_file=str(tmp_path / "admin.key")
-    )
-    async with BudgetServer(config) as server:
-        assert server.admin_key_path == tmp_path / "admin.key"
-        yield server, server.admin_key_path.read_text().strip()
 
 
 async def test_the_first_admin_key_never_overwrites_an_existing_file(

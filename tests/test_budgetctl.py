@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +24,6 @@ from sqlalchemy import update
 from budget_client._proto.budgetd.v1 import budget_pb2 as pb
 from budget_server.app import BudgetServer
 from budget_server.clock import ManualClock
-from budget_server.config import ServerConfig
 from budget_server.ctl.amounts import (
     AmountError,
     format_percent,
@@ -349,16 +347,6 @@ async def test_budgetd_address_is_read_like_the_client_library(server: BudgetSer
     )  # fmt: skip
     assert from_list.json() == {"budgets": [], "more": False}
     assert server_wins.json() == {"budgets": [], "more": False}
-
-
-@pytest.fixture
-async def secured(db_url: str, tmp_path: Path) -> AsyncIterator[tuple[BudgetServer, str]]:
-    """budgetd with API keys on, its admin key written to budgetd-admin.key in tmp_path."""
-    config = ServerConfig(
-        listen="127.0.0.1:0", db_url=db_url, admin_key_file=str(tmp_path / "budgetd-admin.key")
-    )
-    async with BudgetServer(config) as running:
-        yield running, (tmp_path / "budgetd-admin.key").read_text().strip()
 
 
 async def test_a_refused_key_says_where_budgetctl_found_it(
